@@ -1,0 +1,376 @@
+"""Typed configuration: dataclasses are the schema, YAML holds values, ``a.b=value`` overrides.
+
+Unknown keys and values of the wrong type fail at start-up naming the key. Durations, warm-up,
+EMA half-life and cadences are counted in images seen, so a config means the same optimisation
+on 1 or 64 GPUs; ``train.batch_size`` is the GLOBAL batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fmgen.errors import FmgenError
+
+
+class ConfigError(FmgenError, ValueError):
+    """A bad configuration key or value; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # digits | folder | hf | shards (already prepared)
+    path: str = "data/digits-16"  # shard folder holding manifest.json
+    source_path: str = ""  # image folder / save_to_disk folder / hub name for folder|hf
+    image_column: str = "image"
+    label_column: str = ""
+    resolution: int = 16
+    channels: int = 1
+    hflip: bool = False
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    in_memory: bool = False  # read every sample once, then index a seeded global permutation
+
+
+@dataclass
+class PathConfig:
+    name: str = "linear"  # linear | vp-cosine | vp-linear
+    b0: float = 0.1  # vp-linear only
+    b1: float = 20.0  # vp-linear only
+
+
+@dataclass
+class LossConfig:
+    name: str = "cfm"  # cfm | dsm
+    weighting: str = "beta2"  # dsm only: lambda(t)
+    time_sampling: str = "uniform"  # uniform | logit-normal
+    t_min: float = 1e-4  # keeps conversions away from the singular ends
+    loc: float = 0.0  # logit-normal only
+    scale: float = 1.0  # logit-normal only
+
+
+@dataclass
+class ModelConfig:
+    prediction_type: str = "velocity"  # velocity | eps | score | x0
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    attention_levels: list[int] = field(default_factory=list)  # indices of blocks with attention
+    attention_head_dim: int = 8
+    dropout: float = 0.0
+    norm_num_groups: int = 8
+    class_conditional: bool = True
+    p_uncond: float = 0.1  # label dropped to the null class, per sample, for guidance
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_images: int = 5000
+    grad_clip: float = 1.0  # 0 disables clipping
+    fused: bool = False  # fused AdamW (CUDA)
+
+
+@dataclass
+class EMAConfig:
+    half_life_images: int = 20000  # EMA half-life counted in images seen
+    use_warmup: bool = True  # diffusers' (1 + n) / (10 + n) ramp early in training
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/digits"
+    batch_size: int = 128  # GLOBAL batch, across all processes and accumulation steps
+    grad_accum: int = 1
+    total_images: int = 56320
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    seed: int = 0
+    checkpoint_every_images: int = 25600
+    keep_checkpoints: int = 2
+    log_every_steps: int = 20
+    sample_every_images: int = 0  # 0: only at the end
+    compile: bool = False
+    max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
+    channels_last: bool = False
+    deterministic: bool = False  # torch.use_deterministic_algorithms for bit-exact tests
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "heun"  # euler | heun | rk4 | sde
+    steps: int = 20
+    guidance: float = 2.0
+    per_class: int = 8  # grid rows are classes
+    sde_sigma: float = 0.5  # sigma_t = sde_sigma * beta_t
+    t_start: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    fid_every_images: int = 0  # 0: no FID during training
+    fid_num_samples: int = 1000
+    feature_network: str = "inception"  # inception | digits-classifier
+    inception_weights: str = ""  # local weights file for clusters without internet
+    quality_check: bool = True  # digits: classifier-based accuracy/coverage report at the end
+    quality_samples: int = 500
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    project: str = "fmgen"
+    entity: str = ""
+    name: str = ""
+    mode: str = ""  # "" (W&B decides, WANDB_MODE honoured) | online | offline | disabled
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    path: PathConfig = field(default_factory=PathConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("digits", "folder", "hf", "shards"),
+    "path.name": ("linear", "vp-cosine", "vp-linear"),
+    "loss.name": ("cfm", "dsm"),
+    "loss.weighting": ("beta2", "none", "snr"),
+    "loss.time_sampling": ("uniform", "logit-normal"),
+    "model.prediction_type": ("velocity", "eps", "score", "x0"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "sample.sampler": ("euler", "heun", "rk4", "sde"),
+    "eval.feature_network": ("inception", "digits-classifier"),
+    "logging.mode": ("", "online", "offline", "disabled"),
+}
+
+
+# --- conversion of plain YAML values into the typed schema -------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in values:
+        if key not in known:
+            where = f"{prefix}{key}"
+            raise ConfigError(
+                f"unknown config key {where!r}; valid keys under "
+                f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(known))}"
+            )
+    obj = cls()
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        v, tp, key = values[f.name], hints[f.name], f"{prefix}{f.name}"
+        if is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a mapping of options, got {v!r}")
+            setattr(obj, f.name, _build(tp, v, key + "."))
+        else:
+            setattr(obj, f.name, _coerce(v, tp, key))
+    return obj
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.batch_size=64"`` -> ("train.batch_size", 64); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.seed=1)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has no key before '='")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse the value ({e})") from None
+    return key, value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Load a YAML preset (or the defaults), apply dotted overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found; presets live in configs/")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with ``asdict`` (checkpoints, exported models)."""
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for p in dotted.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Check values beyond their types; each error names the key and what would be valid."""
+    for key, valid in CHOICES.items():
+        v = _get(cfg, key)
+        if v not in valid:
+            raise ConfigError(
+                f"{key}: {v!r} is not valid; choose one of: {', '.join(map(repr, valid))}"
+            )
+    positive = [
+        "data.resolution",
+        "train.batch_size",
+        "train.grad_accum",
+        "train.total_images",
+        "train.checkpoint_every_images",
+        "train.log_every_steps",
+        "train.keep_checkpoints",
+        "sample.steps",
+        "sample.per_class",
+        "model.layers_per_block",
+        "ema.half_life_images",
+    ]
+    for key in positive:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)}")
+    non_negative = [
+        "data.num_workers",
+        "optim.warmup_images",
+        "optim.grad_clip",
+        "optim.weight_decay",
+        "train.sample_every_images",
+        "eval.fid_every_images",
+        "sample.guidance",
+        "sample.sde_sigma",
+        "train.max_nonfinite_steps",
+    ]
+    for key in non_negative:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    if cfg.data.channels not in (1, 3):
+        raise ConfigError(f"data.channels: must be 1 or 3, got {cfg.data.channels}")
+    if not 0 <= cfg.model.p_uncond < 1:
+        raise ConfigError(f"model.p_uncond: must lie in [0, 1), got {cfg.model.p_uncond}")
+    if not 0 < cfg.optim.lr < 1:
+        raise ConfigError(f"optim.lr: must lie in (0, 1), got {cfg.optim.lr}")
+    if not 0 <= cfg.loss.t_min < 0.5:
+        raise ConfigError(f"loss.t_min: must lie in [0, 0.5), got {cfg.loss.t_min}")
+    if not 0 <= cfg.sample.t_start < 1:
+        raise ConfigError(f"sample.t_start: must lie in [0, 1), got {cfg.sample.t_start}")
+    blocks = cfg.model.block_out_channels
+    if not blocks or any(c <= 0 or c % cfg.model.norm_num_groups for c in blocks):
+        raise ConfigError(
+            f"model.block_out_channels: {blocks} must be positive multiples of "
+            f"model.norm_num_groups={cfg.model.norm_num_groups}"
+        )
+    for i in cfg.model.attention_levels:
+        if not 0 <= i < len(blocks):
+            raise ConfigError(
+                f"model.attention_levels: level {i} does not exist; valid levels 0..{len(blocks) - 1}"
+            )
+    if cfg.data.resolution % (2 ** (len(blocks) - 1)):
+        raise ConfigError(
+            f"data.resolution={cfg.data.resolution} must be divisible by 2^(len(model.block_out_channels)-1)"
+            f"={2 ** (len(blocks) - 1)} (one downsampling per extra block)"
+        )
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by train.grad_accum="
+            f"{cfg.train.grad_accum}"
+        )
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
+
+
+def replace(cfg: Config, **sections: Any) -> Config:
+    return dataclasses.replace(cfg, **sections)

@@ -1,0 +1,104 @@
+"""Config schema: presets load, overrides apply with types, bad keys/values fail naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from fmgen.config import Config, ConfigError, config_from_dict, load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_preset_loads_and_round_trips(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, Config)
+    assert config_from_dict(to_dict(cfg)) == cfg
+
+
+def test_presets_exist():
+    assert {p.name for p in PRESETS} >= {"digits.yaml", "cifar10.yaml"}
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(
+        ROOT / "configs/digits.yaml",
+        [
+            "train.batch_size=64",
+            "optim.lr=1e-3",
+            "model.block_out_channels=[16,32]",
+            "logging.wandb=false",
+        ],
+    )
+    assert cfg.train.batch_size == 64 and isinstance(cfg.train.batch_size, int)
+    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
+    assert cfg.model.block_out_channels == [16, 32]
+    assert cfg.logging.wandb is False
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.bach_size=3", "train.bach_size"),
+        ("trian.batch_size=3", "trian"),
+        ("train.batch_size=abc", "train.batch_size"),
+        ("train.batch_size=1.5", "train.batch_size"),
+        ("logging.wandb=maybe", "logging.wandb"),
+        ("path.name=vp", "path.name"),
+        ("loss.name=mse", "loss.name"),
+        ("train.mixed_precision=fp8", "train.mixed_precision"),
+        ("model.prediction_type=noise", "model.prediction_type"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("model.p_uncond=1.5", "model.p_uncond"),
+        ("model.attention_levels=[7]", "model.attention_levels"),
+        ("data.resolution=10", "data.resolution"),
+        ("nonsense", "section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(ROOT / "configs/digits.yaml", [override])
+    assert needle in str(err.value)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.bach_size=3"])
+    assert "batch_size" in str(err.value)
+
+
+def test_missing_config_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_with_unknown_section_fails(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match="trainer"):
+        load_config(bad)
+
+
+def test_dry_run_prints_resolved_config(capsys):
+    from fmgen.cli import train_main
+
+    assert (
+        train_main(["--config", str(ROOT / "configs/digits.yaml"), "train.seed=7", "--dry-run"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "seed: 7" in out and "batch_size: 128" in out
+
+
+def test_cli_reports_config_errors_without_traceback(capsys):
+    from fmgen.cli import train_main
+
+    assert (
+        train_main(
+            ["--config", str(ROOT / "configs/digits.yaml"), "train.bach_size=1", "--dry-run"]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "train.bach_size" in err and "Traceback" not in err
