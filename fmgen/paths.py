@@ -189,13 +189,17 @@ class GaussianPath(ABC):
 
         Every type is affine in D: ``pred = a_src x + b_src D``, so D = (pred - a_src x) / b_src
         and the result is a_dst x + b_dst D. Singular where b_src = 0 (alpha = 0 for eps/score,
-        t = 0) or where beta = 0 (t = 1).
+        t = 0) or where beta = 0 (t = 1); eps <-> score is direct and finite wherever beta > 0.
         """
         check_prediction_type(src)
         check_prediction_type(dst)
         _check_same_shape(pred, x, "pred", "x")
         if src == dst:
             return pred
+        if {src, dst} == {"eps", "score"}:
+            # proportional (score = -eps / beta): going through D would be 0/0 where alpha = 0
+            beta = self._coeffs(t, x).beta
+            return -pred / beta if dst == "score" else -pred * beta
         s = self._coeffs(t, x)
         a_src, b_src = self._affine(src, s)
         a_dst, b_dst = self._affine(dst, s)

@@ -1,0 +1,190 @@
+"""Training losses (CFM and DSM) and training-time sampling.
+
+A network is a callable ``net(x, t, y) -> prediction`` with an attribute ``prediction_type``
+(one of ``paths.PREDICTION_TYPES``) saying what its output means; wrappers such as DDP
+(``.module``) and ``torch.compile`` (``._orig_mod``) are looked through. The loss converts the
+prediction into the type it regresses (velocity for CFM, score for DSM) through the path.
+
+Every loss returns per-sample values of shape (B,): the squared error averaged over the non-batch
+axes. The caller reduces (and may log per t-bin). ``t`` and ``eps`` are arguments, so a loss is a
+deterministic function of its inputs.
+
+    CFM:  | v_theta(x_t, t) - (dalpha_t z + dbeta_t eps) |^2
+    DSM:  lambda(t) | s_theta(x_t, t) + eps / beta_t |^2
+
+The gradients equal those of the marginal losses (regressing on the oracle's u_t(x), s_t(x));
+the loss values differ by the posterior variance of the conditional target (see oracle.py).
+
+Pure torch math: no I/O, no distributed code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from fmgen.paths import GaussianPath, check_prediction_type, expand_time
+
+TIME_SAMPLINGS = ("uniform", "logit-normal")
+DSM_WEIGHTINGS = ("beta2", "none", "snr")
+
+_WRAPPER_ATTRS = ("module", "_orig_mod")  # DDP / FSDP, torch.compile
+
+
+def prediction_type_of(net: Callable) -> str:
+    """The ``prediction_type`` declared by ``net``, looking through DDP / compile wrappers."""
+    seen = net
+    for _ in range(8):  # wrappers nest at most a few levels (compile inside DDP, ...)
+        declared = getattr(seen, "prediction_type", None)
+        if declared is not None:
+            return check_prediction_type(declared)
+        inner = next((getattr(seen, a) for a in _WRAPPER_ATTRS if hasattr(seen, a)), None)
+        if inner is None:
+            break
+        seen = inner
+    raise AttributeError(
+        f"{type(net).__name__} has no attribute 'prediction_type' (nor do its .module / "
+        f"._orig_mod wrappers): the loss needs to know what the network predicts; set it to one "
+        f"of velocity, eps, score, x0"
+    )
+
+
+def sample_time(
+    batch_size: int,
+    kind: str = "uniform",
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    t_min: float = 0.0,
+    t_max: float = 1.0,
+    loc: float = 0.0,
+    scale: float = 1.0,
+) -> Tensor:
+    """Training times t of shape (B,), all in [t_min, t_max].
+
+    - ``uniform``: U(t_min, t_max).
+    - ``logit-normal``: sigmoid(N(loc, scale^2)) mapped affinely onto [t_min, t_max] (as in SD3;
+      loc > 0 puts more weight near the data end t = 1). The affine map keeps the shape and
+      piles no mass on the ends, unlike clamping.
+    """
+    if kind not in TIME_SAMPLINGS:
+        raise ValueError(
+            f"unknown time sampling {kind!r}; valid time samplings: {', '.join(TIME_SAMPLINGS)}"
+        )
+    if not 0.0 <= t_min <= t_max <= 1.0:
+        raise ValueError(f"need 0 <= t_min <= t_max <= 1; got t_min={t_min}, t_max={t_max}")
+    if batch_size < 0:
+        raise ValueError(f"batch_size must be >= 0; got {batch_size}")
+    dtype = dtype or torch.get_default_dtype()
+    if kind == "uniform":
+        u = torch.rand(batch_size, generator=generator, device=device, dtype=dtype)
+    else:
+        if scale <= 0:
+            raise ValueError(f"logit-normal needs scale > 0; got {scale}")
+        n = torch.randn(batch_size, generator=generator, device=device, dtype=dtype)
+        u = torch.sigmoid(loc + scale * n)
+    return (t_min + (t_max - t_min) * u).clamp(t_min, t_max)  # clamp: rounding of the affine map
+
+
+def _convert(pred: Tensor, x: Tensor, t: Tensor, path: GaussianPath, src: str, dst: str) -> Tensor:
+    """path.convert, except eps -> score uses score = -eps / beta directly.
+
+    The generic conversion goes through D = (x - beta eps) / alpha, which is 0/0 at alpha = 0
+    (t = 0 on linear and vp-cosine) although the direct formula is finite there.
+    """
+    if src == "eps" and dst == "score":
+        return path.score_from_eps(pred, x, t)
+    return path.convert(pred, x, t, src, dst)
+
+
+def _predict(net: Callable, x: Tensor, t: Tensor, y: Tensor | None, path: GaussianPath, dst: str):
+    src = prediction_type_of(net)
+    pred = net(x, t, y)
+    if pred.shape != x.shape:
+        raise ValueError(
+            f"the network returned shape {tuple(pred.shape)}; expected the input's {tuple(x.shape)}"
+        )
+    pred = pred.to(torch.promote_types(pred.dtype, x.dtype))  # autocast may return bf16
+    return _convert(pred, x.to(pred.dtype), t, path, src, dst)
+
+
+def cfm_loss(
+    net: Callable,
+    z: Tensor,
+    path: GaussianPath,
+    *,
+    t: Tensor,
+    eps: Tensor,
+    y: Tensor | None = None,
+) -> Tensor:
+    """Conditional flow matching: mean over non-batch axes of |v_theta(x_t, t) - u_t(x_t | z)|^2.
+
+    Args:
+        net: ``net(x, t, y)`` with a ``prediction_type``; non-velocity outputs are converted.
+        z: (B, ...) data; t: (B,) times; eps: (B, ...) noise; y: (B,) labels or None.
+
+    Returns:
+        (B,) per-sample losses.
+    """
+    ps = path.sample(z, t, eps)
+    v = _predict(net, ps.x, t, y, path, "velocity")  # (B, ...)
+    return ((v - ps.velocity) ** 2).flatten(1).mean(1)
+
+
+def dsm_weight(path: GaussianPath, t: Tensor, weighting: str) -> Tensor:
+    """lambda(t) of the DSM loss, shape of t.
+
+    - ``beta2``: beta_t^2, so lambda |s + eps/beta|^2 = |eps_hat - eps|^2 (eps-prediction MSE).
+    - ``none``: 1, the plain score-matching error (large near t = 1 where beta -> 0).
+    - ``snr``: alpha_t^2 = beta_t^2 * SNR(t) with SNR = alpha^2 / beta^2, i.e. the eps-prediction
+      MSE weighted by the signal-to-noise ratio (bounded, since alpha <= 1 on every path).
+    """
+    if weighting not in DSM_WEIGHTINGS:
+        raise ValueError(
+            f"unknown DSM weighting {weighting!r}; valid weightings: {', '.join(DSM_WEIGHTINGS)}"
+        )
+    s = path.schedule(t)
+    if weighting == "beta2":
+        return s.beta**2
+    if weighting == "snr":
+        return s.alpha**2
+    return torch.ones_like(s.beta)
+
+
+def dsm_loss(
+    net: Callable,
+    z: Tensor,
+    path: GaussianPath,
+    *,
+    t: Tensor,
+    eps: Tensor,
+    y: Tensor | None = None,
+    weighting: str = "beta2",
+) -> Tensor:
+    """Denoising score matching: lambda(t) * mean over non-batch axes of |s_theta + eps / beta|^2.
+
+    ``lambda`` is chosen by ``weighting`` (see ``dsm_weight``); non-score outputs are converted.
+    Singular at t = 1 (beta = 0): keep training times below 1 - t_min.
+
+    Returns:
+        (B,) per-sample losses.
+    """
+    lam = dsm_weight(path, t, weighting)  # validates the name before the forward pass
+    ps = path.sample(z, t, eps)
+    s = _predict(net, ps.x, t, y, path, "score")  # (B, ...)
+    beta = expand_time(path.schedule(t).beta, ps.x)
+    err = ((s + ps.eps / beta) ** 2).flatten(1).mean(1)
+    return lam.to(err.dtype) * err
+
+
+LOSSES: dict[str, Callable[..., Tensor]] = {"cfm": cfm_loss, "dsm": dsm_loss}
+
+
+def get_loss(name: str) -> Callable[..., Tensor]:
+    """The loss function registered under ``name``; an unknown name lists the valid ones."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(LOSSES)}")
+    return LOSSES[name]

@@ -1,0 +1,281 @@
+"""ODE/SDE samplers with the exact oracle field: accuracy, orders, mixture weights, wrappers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fmgen.oracle import Oracle
+from fmgen.paths import PREDICTION_TYPES, get_path
+from fmgen.samplers import (
+    SAMPLERS,
+    beta_sigma,
+    cfg_field,
+    count_nfe,
+    get_sampler,
+    nfe,
+    sample_euler,
+    sample_heun,
+    sample_rk4,
+    sample_sde,
+    time_grid,
+    velocity_field,
+)
+
+F64 = torch.float64
+PATHS = ["linear", "vp-cosine", "vp-linear"]
+DATA = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.3, -0.8]], dtype=F64)  # K=4, D=2
+
+
+def noise(n: int, dim: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def run(name: str, field, x, ts, path=None, seed: int = 0):
+    if name == "sde":
+        gen = torch.Generator().manual_seed(seed)
+        return sample_sde(field, x, ts, path=path, sigma=beta_sigma(path, 1.0), generator=gen)
+    return get_sampler(name)(field, x, ts)
+
+
+def nearest(x: torch.Tensor, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d = torch.cdist(x.flatten(1), data.flatten(1))  # (N, K)
+    return d.min(1).values, d.argmin(1)
+
+
+@pytest.mark.parametrize("path_name", PATHS)
+def test_heun_oracle_lands_on_data(path_name):
+    """100 Heun steps from N(0, I): every sample within 1e-2 of a data point.
+
+    vp-linear has beta_t ~ sqrt(b0 (1 - t)) near t = 1: the last Euler step from t = 1 - h
+    removes only about half of the remaining noise beta_{1-h} (h dbeta / beta ~ -1/2), which
+    is 0.015 |eps| on a uniform 100-step grid. Its grid is therefore refined near t = 1
+    (t = 1 - (1 - u)^2, last step 1e-4); linear and vp-cosine use the uniform grid.
+    """
+    path = get_path(path_name)
+    oracle = Oracle(DATA, path)
+    ts = time_grid(100, dtype=F64)
+    if path_name == "vp-linear":
+        ts = 1 - (1 - ts) ** 2
+    x = sample_heun(oracle.velocity, noise(256), ts)
+    dist, k = nearest(x, DATA)
+    print(f"{path_name}: max distance to data {dist.max():.2e}")
+    assert dist.max() < 1e-2
+    assert torch.bincount(k, minlength=4).min() > 0  # every point is reached
+
+
+def test_heun_oracle_images():
+    """The same on image-shaped data (1, 4, 4), uniform grid."""
+    data = torch.randn(3, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    oracle = Oracle(data, get_path("vp-cosine"))
+    x0 = torch.randn(32, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    x = sample_heun(oracle.velocity, x0, time_grid(100, dtype=F64))
+    assert x.shape == x0.shape
+    assert nearest(x, data)[0].max() < 1e-2
+
+
+def orders(errors: list[float]) -> list[float]:
+    return [math.log2(a / b) for a, b in zip(errors, errors[1:], strict=False)]
+
+
+@pytest.mark.parametrize("path_name", PATHS)
+def test_convergence_orders(path_name):
+    """Euler ~1, Heun ~2, RK4 ~4 against a 400-step RK4 reference, on [0, 0.7].
+
+    The end t_end = 0.7 < 1 keeps the problem smooth (the field has a 1/beta_t term singular at
+    t = 1; see the samplers module docstring). Observed orders are log2 of error ratios for
+    steps 20/40/80/160 (RK4: 10/20/40, before round-off).
+    """
+    oracle = Oracle(DATA, get_path(path_name))
+    x0 = noise(64, seed=1)
+    ref = sample_rk4(oracle.velocity, x0, time_grid(400, t_end=0.7, dtype=F64))
+    found = {}
+    for name, steps in (
+        ("euler", [20, 40, 80, 160]),
+        ("heun", [20, 40, 80, 160]),
+        ("rk4", [10, 20, 40]),
+    ):
+        errs = [
+            (run(name, oracle.velocity, x0, time_grid(n, t_end=0.7, dtype=F64)) - ref)
+            .norm(dim=1)
+            .mean()
+            .item()
+            for n in steps
+        ]
+        found[name] = orders(errs)
+        print(
+            f"{path_name} {name}: errors {[f'{e:.2e}' for e in errs]} orders {[f'{o:.2f}' for o in found[name]]}"
+        )
+    assert all(0.8 <= o <= 1.3 for o in found["euler"])
+    assert all(1.7 <= o <= 2.4 for o in found["heun"])
+    assert all(3.5 <= o <= 4.6 for o in found["rk4"])
+
+
+def test_orders_up_to_t1_single_point():
+    """Up to t = 1 with an exact solution: one data point z gives x_1 = z + 0 for any eps,
+    x_t = alpha_t z + beta_t eps. On vp-cosine the special last steps (Heun: Euler, RK4:
+    Heun-3) keep the field away from t = 1 and every solver converges with order ~2, limited
+    by the 1/beta_t singularity of the field at t = 1 (module docstring)."""
+    z = torch.tensor([[0.7, -0.4]], dtype=F64)
+    oracle = Oracle(z, get_path("vp-cosine"))
+    x0 = noise(16, seed=2)
+    for name in ("euler", "heun", "rk4"):
+        errs = [
+            (run(name, oracle.velocity, x0, time_grid(n, dtype=F64)) - z).norm(dim=1).mean().item()
+            for n in (10, 20, 40, 80)
+        ]
+        print(f"vp-cosine to t=1 {name}: orders {[f'{o:.2f}' for o in orders(errs)]}")
+        assert all(1.8 <= o <= 2.3 for o in orders(errs))
+        assert errs[-1] < 1e-3
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_never_evaluates_at_t1_and_nfe(name):
+    path = get_path("linear")
+    oracle = Oracle(DATA, path)
+
+    def guarded(x, t):
+        if bool((t >= 1 - 1e-12).any()):
+            raise AssertionError(f"field evaluated at t = {t.max().item()}")
+        return oracle.velocity(x, t)
+
+    for steps in (1, 2, 7):
+        counter = count_nfe(guarded)
+        x = run(name, counter, noise(8), time_grid(steps, dtype=F64), path=path)
+        assert torch.isfinite(x).all()
+        assert counter.calls == nfe(name, steps)
+        assert max(counter.times) < 1
+        counter = count_nfe(guarded)  # a grid ending before 1 gets full steps
+        run(name, counter, noise(8), time_grid(steps, t_end=0.5, dtype=F64), path=path)
+        assert counter.calls == nfe(name, steps, t_end=0.5)
+    assert (nfe("euler", 10), nfe("heun", 10), nfe("rk4", 10), nfe("sde", 10)) == (10, 19, 39, 10)
+
+
+# --- mixture weights: chi-square goodness of fit --------------------------------------------------
+
+SEPARATED = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 3.0]], dtype=F64)
+WEIGHTS = torch.tensor([0.6, 0.3, 0.1], dtype=F64)
+CHI2_CRIT_DOF2_P001 = 13.816  # upper 0.001 quantile of chi^2 with 2 degrees of freedom (tables)
+
+
+@pytest.mark.parametrize("path_name", PATHS)
+@pytest.mark.parametrize("name", ["sde", "heun"])
+def test_unbalanced_mixture_weights(name, path_name):
+    """Sampling the oracle of a 0.6/0.3/0.1 mixture reproduces the weights.
+
+    Each of N = 3000 samples is assigned to its nearest point; the counts are tested against
+    N * w with Pearson's chi-square (2 dof) at p = 0.001, critical value 13.816. Fixed seeds.
+    A sampler that ignored the weights (1/3 each) would give chi^2 in the thousands.
+    """
+    path = get_path(path_name)
+    oracle = Oracle(SEPARATED, path, WEIGHTS)
+    n = 3000
+    x = run(name, oracle.velocity, noise(n, seed=3), time_grid(100, dtype=F64), path=path, seed=4)
+    dist, k = nearest(x, SEPARATED)
+    counts = torch.bincount(k, minlength=3).to(F64)
+    expected = n * WEIGHTS
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    print(f"{name} {path_name}: counts {counts.tolist()} chi2 {chi2:.2f} (critical 13.816)")
+    assert chi2 < CHI2_CRIT_DOF2_P001
+    assert dist.max() < 0.1  # samples sit on the points (vp-linear: ~0.05 on a uniform grid)
+
+
+def test_sde_noise_matters_and_sigma_zero_is_euler():
+    path = get_path("vp-cosine")
+    oracle = Oracle(DATA, path)
+    x0, ts = noise(16), time_grid(20, dtype=F64)
+    a = sample_sde(oracle.velocity, x0, ts, path=path, sigma=0.0)
+    torch.testing.assert_close(a, sample_euler(oracle.velocity, x0, ts))
+    gen = torch.Generator().manual_seed(0)
+    b = sample_sde(oracle.velocity, x0, ts, path=path, sigma=0.5, generator=gen)
+    gen = torch.Generator().manual_seed(0)
+    c = sample_sde(
+        oracle.velocity, x0, ts, path=path, sigma=lambda t: 0.5 * torch.ones_like(t), generator=gen
+    )
+    torch.testing.assert_close(b, c)  # float sigma == constant callable
+    assert not torch.allclose(a, b)
+
+
+# --- wrappers ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path_name", PATHS)
+def test_prediction_type_wrapper(path_name):
+    """velocity / eps / score / x0 oracles sampled from the same noise agree (t clamped at 1e-4)."""
+    path = get_path(path_name)
+    oracle = Oracle(DATA, path)
+    x0, ts = noise(64, seed=5), time_grid(50, dtype=F64)
+    out = {}
+    for p in PREDICTION_TYPES:
+        field = velocity_field(lambda x, t, p=p: oracle.predict(x, t, p), path, p)
+        out[p] = sample_heun(field, x0, ts)
+    for p in PREDICTION_TYPES:
+        err = (out[p] - out["velocity"]).norm(dim=1).max().item()
+        assert err < 1e-2, (p, err)
+
+
+@pytest.mark.parametrize("path_name", ["linear", "vp-cosine"])
+@pytest.mark.parametrize("prediction_type", ["eps", "score", "x0"])
+def test_velocity_field_finite_at_t0(path_name, prediction_type):
+    """alpha_0 = 0 makes eps/score -> velocity 0/0 at t = 0; the wrapper's clamp keeps it finite
+    and close to the true velocity there."""
+    path = get_path(path_name)
+    oracle = Oracle(DATA, path)
+    x, t0 = noise(32), torch.zeros(32, dtype=F64)
+    raw = path.convert(oracle.predict(x, t0, prediction_type), x, t0, prediction_type, "velocity")
+    if prediction_type != "x0":
+        assert not torch.isfinite(raw).all()  # the singularity the clamp is there for
+    u = velocity_field(lambda x, t: oracle.predict(x, t, prediction_type), path, prediction_type)(
+        x, t0
+    )
+    assert torch.isfinite(u).all()
+    torch.testing.assert_close(u, oracle.velocity(x, t0), rtol=0, atol=1e-2)
+
+
+def test_cfg_field():
+    def cond(x, t):
+        return x + 1.0
+
+    def uncond(x, t):
+        return 2.0 * x
+
+    x, t = noise(5), torch.full((5,), 0.3, dtype=F64)
+    assert torch.equal(cfg_field(cond, uncond, 1.0)(x, t), cond(x, t))
+    assert torch.equal(cfg_field(cond, uncond, 0.0)(x, t), uncond(x, t))
+    torch.testing.assert_close(cfg_field(cond, uncond, 3.0)(x, t), 2 * x + 3 * (1 - x))
+    torch.testing.assert_close(cfg_field(cond, uncond, 0.5)(x, t), 2 * x + 0.5 * (1 - x))
+
+
+def test_callback_and_time_grid():
+    seen = []
+    ts = time_grid(4, t_start=0.2, dtype=F64)
+    torch.testing.assert_close(ts, torch.tensor([0.2, 0.4, 0.6, 0.8, 1.0], dtype=F64))
+    sample_euler(
+        lambda x, t: torch.zeros_like(x), noise(3), ts, callback=lambda i, t, x: seen.append((i, t))
+    )
+    assert seen == [(i, pytest.approx(0.2 * (i + 2))) for i in range(4)]
+
+
+def test_validation():
+    field, x = (lambda x, t: x), noise(2)
+    for bad in (
+        torch.tensor([0.0, 0.5, 0.4, 1.0]),  # decreasing
+        torch.tensor([0.0, 0.5, 0.5, 1.0]),  # repeated
+        torch.tensor([-0.1, 0.5]),  # outside [0, 1]
+        torch.tensor([0.0, 1.2]),
+        torch.tensor([[0.0, 1.0]]),  # not 1-D
+        torch.tensor([0.5]),  # fewer than 2
+    ):
+        for name in SAMPLERS:
+            with pytest.raises(ValueError, match="ts"):
+                run(name, field, x, bad, path=get_path("linear"))
+    with pytest.raises(ValueError, match="euler, heun, rk4, sde"):
+        get_sampler("dpm++")
+    with pytest.raises(ValueError, match="euler, heun, rk4, sde"):
+        nfe("ddim", 10)
+    with pytest.raises(ValueError, match="steps"):
+        time_grid(0)
+    with pytest.raises(ValueError, match="velocity, eps, score, x0"):
+        velocity_field(field, get_path("linear"), "v")
