@@ -1,6 +1,7 @@
 """Training losses (CFM and DSM) and training-time sampling.
 
-A network is a callable ``net(x, t, y) -> prediction`` with an attribute ``prediction_type``
+A network is a callable ``net(x, t, y) -> prediction`` (called as ``net(x, t)`` when there are no
+labels, so an unconditional network may take two arguments) with an attribute ``prediction_type``
 (one of ``paths.PREDICTION_TYPES``) saying what its output means; wrappers such as DDP
 (``.module``) and ``torch.compile`` (``._orig_mod``) are looked through. The loss converts the
 prediction into the type it regresses (velocity for CFM, score for DSM) through the path.
@@ -58,12 +59,16 @@ def sample_time(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-    t_min: float = 0.0,
-    t_max: float = 1.0,
+    t_min: float = 1e-5,
+    t_max: float = 1 - 1e-5,
     loc: float = 0.0,
     scale: float = 1.0,
 ) -> Tensor:
     """Training times t of shape (B,), all in [t_min, t_max].
+
+    The default range [1e-5, 1 - 1e-5] keeps away from t = 0 (alpha = 0: eps / score -> velocity
+    is 0/0) and t = 1 (beta = 0: every conversion to or from velocity or score divides by
+    beta); pass t_min = 0, t_max = 1 for the closed interval.
 
     - ``uniform``: U(t_min, t_max).
     - ``logit-normal``: sigmoid(N(loc, scale^2)) mapped affinely onto [t_min, t_max] (as in SD3;
@@ -102,7 +107,7 @@ def _convert(pred: Tensor, x: Tensor, t: Tensor, path: GaussianPath, src: str, d
 
 def _predict(net: Callable, x: Tensor, t: Tensor, y: Tensor | None, path: GaussianPath, dst: str):
     src = prediction_type_of(net)
-    pred = net(x, t, y)
+    pred = net(x, t) if y is None else net(x, t, y)
     if pred.shape != x.shape:
         raise ValueError(
             f"the network returned shape {tuple(pred.shape)}; expected the input's {tuple(x.shape)}"
@@ -123,7 +128,8 @@ def cfm_loss(
     """Conditional flow matching: mean over non-batch axes of |v_theta(x_t, t) - u_t(x_t | z)|^2.
 
     Args:
-        net: ``net(x, t, y)`` with a ``prediction_type``; non-velocity outputs are converted.
+        net: ``net(x, t, y)`` (``net(x, t)`` when y is None) with a ``prediction_type``;
+            non-velocity outputs are converted.
         z: (B, ...) data; t: (B,) times; eps: (B, ...) noise; y: (B,) labels or None.
 
     Returns:

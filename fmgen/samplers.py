@@ -1,14 +1,16 @@
 """ODE and SDE solvers from noise (t = 0) to data (t = 1), guidance and prediction-type wrappers.
 
 Every sampler has one signature, ``sample_x(field, x, ts, *, callback=None, disable=True)``
-(the SDE adds ``path``, ``sigma`` and ``generator``), and returns the final x:
+(the SDE, ``sample_euler_maruyama``, adds ``path``, ``sigma`` and ``generator``), and returns
+the final x:
 
 - ``field(x, t) -> velocity``: x (B, ...), t (B,); the solvers know nothing of networks or
-  training. ``velocity_field`` turns a network of any prediction type into a field and
-  ``cfg_field`` applies classifier-free guidance.
+  training. ``velocity_field`` turns a network of any prediction type into a field;
+  ``cfg_field`` (two fields) and ``cfg_net`` (one network, one batched call) apply
+  classifier-free guidance.
 - ``ts``: (N+1,) increasing times in [0, 1]; ``time_grid`` makes a uniform one.
-- ``callback(i, t, x)`` is called after step i with the time reached and the new x.
-- ``disable`` turns off the tqdm progress bar.
+- ``callback(Step)`` is called after every step with the step index, the interval and the new x.
+- ``disable`` turns off the tqdm progress bar (off by default: the math stays silent).
 
 The field is never evaluated at t = 1, where beta = 0 and every conversion is singular: when
 ``ts`` ends at 1, Heun's last step is an Euler step (EDM, Algorithm 2) and RK4's last step is
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -37,7 +40,18 @@ from fmgen.paths import GaussianPath, check_prediction_type, expand_time
 Field = Callable[[Tensor, Tensor], Tensor]
 """field(x (B, ...), t (B,)) -> velocity (B, ...)."""
 
-Callback = Callable[[int, float, Tensor], None]
+
+@dataclass(frozen=True)
+class Step:
+    """What a callback sees after step ``i``: the interval [t, t_next] and the new x."""
+
+    i: int
+    t: float
+    t_next: float
+    x: Tensor  # (B, ...) the state at t_next
+
+
+Callback = Callable[[Step], None]
 Sigma = float | Callable[[Tensor], Tensor]
 
 DEFAULT_T_MIN = 1e-4  # velocity_field keeps non-velocity predictions at t in [t_min, 1 - t_min]
@@ -77,6 +91,18 @@ def _check_ts(ts: Tensor) -> list[float]:
     return times
 
 
+def _check_x(x: Tensor) -> None:
+    if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[0] < 1 or not x.is_floating_point():
+        what = (
+            f"{x.dtype} tensor of shape {tuple(x.shape)}"
+            if isinstance(x, Tensor)
+            else type(x).__name__
+        )
+        raise ValueError(
+            f"x must be a floating-point tensor of shape (B, ...) with B >= 1; got {what}"
+        )
+
+
 def _steps(times: list[float], disable: bool, desc: str):
     return tqdm(range(len(times) - 1), disable=disable, desc=desc, leave=False)
 
@@ -93,11 +119,12 @@ def sample_euler(
 ) -> Tensor:
     """Explicit Euler: first order, one field evaluation per step."""
     times = _check_ts(ts)
+    _check_x(x)
     for i in _steps(times, disable, "euler"):
         t, h = times[i], times[i + 1] - times[i]
         x = x + h * field(x, _at(t, x))
         if callback is not None:
-            callback(i, times[i + 1], x)
+            callback(Step(i, t, times[i + 1], x))
     return x
 
 
@@ -109,6 +136,7 @@ def sample_heun(
     A step that ends at t = 1 is a plain Euler step, so the field is never evaluated at t = 1.
     """
     times = _check_ts(ts)
+    _check_x(x)
     for i in _steps(times, disable, "heun"):
         t, t_next = times[i], times[i + 1]
         h = t_next - t
@@ -119,7 +147,7 @@ def sample_heun(
         else:
             x = x_euler
         if callback is not None:
-            callback(i, t_next, x)
+            callback(Step(i, t, t_next, x))
     return x
 
 
@@ -133,6 +161,7 @@ def sample_rk4(
     the order near t = 1).
     """
     times = _check_ts(ts)
+    _check_x(x)
     for i in _steps(times, disable, "rk4"):
         t, t_next = times[i], times[i + 1]
         h = t_next - t
@@ -147,7 +176,7 @@ def sample_rk4(
             k3 = field(x + 2 * h / 3 * k2, _at(t + 2 * h / 3, x))
             x = x + h / 4 * (k1 + 3 * k3)
         if callback is not None:
-            callback(i, t_next, x)
+            callback(Step(i, t, t_next, x))
     return x
 
 
@@ -161,7 +190,7 @@ def beta_sigma(path: GaussianPath, sigma: float) -> Callable[[Tensor], Tensor]:
     return lambda t: sigma * path.schedule(t).beta
 
 
-def sample_sde(
+def sample_euler_maruyama(
     field: Field,
     x: Tensor,
     ts: Tensor,
@@ -179,6 +208,7 @@ def sample_sde(
     The last step adds no noise, so the result is the mean of the final transition.
     """
     times = _check_ts(ts)
+    _check_x(x)
     sigma_fn = sigma if callable(sigma) else (lambda t: torch.full_like(t, float(sigma)))
     last = len(times) - 2
     for i in _steps(times, disable, "sde"):
@@ -193,7 +223,7 @@ def sample_sde(
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = x + math.sqrt(h) * sig * noise
         if callback is not None:
-            callback(i, t_next, x)
+            callback(Step(i, t, t_next, x))
     return x
 
 
@@ -203,7 +233,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler": sample_euler,
     "heun": sample_heun,
     "rk4": sample_rk4,
-    "sde": sample_sde,
+    "sde": sample_euler_maruyama,
 }
 
 
@@ -273,9 +303,11 @@ def velocity_field(
 
 
 def cfg_field(cond: Field, uncond: Field, scale: float) -> Field:
-    """Classifier-free guidance: uncond + scale * (cond - uncond).
+    """Classifier-free guidance of two fields: uncond + scale * (cond - uncond).
 
-    scale = 1 returns ``cond`` and scale = 0 returns ``uncond`` exactly, with one evaluation.
+    Two evaluations per call; for one network with a label argument ``cfg_net`` batches both
+    halves into one call. scale = 1 returns ``cond`` and scale = 0 returns ``uncond`` exactly,
+    with one evaluation.
     """
     if scale == 1.0:
         return cond
@@ -287,3 +319,37 @@ def cfg_field(cond: Field, uncond: Field, scale: float) -> Field:
         return u + scale * (cond(x, t) - u)
 
     return field
+
+
+def cfg_net(
+    net: Callable[[Tensor, Tensor, Tensor], Tensor],
+    y: Tensor,
+    null_label: int,
+    scale: float,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """Classifier-free guidance of a class-conditional ``net(x, t, y)`` in one batched call.
+
+    Returns ``(x, t) -> out(empty) + scale * (out(y) - out(empty))`` where the conditional and
+    null-label halves go through the network as one batch of 2B. Guidance is affine and so are
+    the prediction-type conversions, so guiding the raw output (any prediction type) equals
+    guiding its velocity: wrap the result in ``velocity_field``. scale = 1 (resp. 0) makes a
+    single call of size B with y (resp. the null label), exactly the conditional (resp.
+    unconditional) output.
+
+    Args:
+        y: (B,) labels, fixed for the whole trajectory.
+        null_label: the label of the unconditional ("empty") class.
+    """
+    null = torch.full_like(y, null_label)
+    if scale == 1.0:
+        return lambda x, t: net(x, t, y)
+    if scale == 0.0:
+        return lambda x, t: net(x, t, null)
+    labels = torch.cat([y, null])  # (2B,)
+
+    def guided(x: Tensor, t: Tensor) -> Tensor:
+        out = net(torch.cat([x, x]), torch.cat([t, t]), labels)  # (2B, ...)
+        cond, uncond = out.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    return guided

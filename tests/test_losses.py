@@ -26,6 +26,18 @@ from fmgen.oracle import Oracle
 from fmgen.paths import PREDICTION_TYPES, get_path
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems are tiny: with several OpenMP threads on a shared CPU, thread wake-up
+    costs ~40x the work (8 ms vs 0.2 ms per oracle call measured on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 DATA = torch.tensor([[1.0, 0.5], [-1.0, 0.8], [0.2, -1.2], [1.5, -0.7]], dtype=F64)  # K=4, D=2
 
 
@@ -268,3 +280,67 @@ def test_sample_time_range_and_distribution(kind):
     assert torch.equal(t, again)
     with pytest.raises(ValueError, match="t_min"):
         sample_time(4, kind, t_min=0.8, t_max=0.2)
+
+
+@pytest.mark.parametrize("path_name", ["linear", "vp-cosine", "vp-linear"])
+@pytest.mark.parametrize("loss_name", ["cfm", "dsm"])
+def test_oracle_is_the_minimum(path_name, loss_name):
+    """Perturbing the oracle's prediction raises the loss, by about the perturbation's size.
+
+    At the same draws, L(oracle + d) - L(oracle) = mean(lambda |d|^2) + 2 mean(lambda d . (oracle
+    - target)); the cross term has mean zero (the oracle is the conditional mean of the target),
+    so the increase is mean(lambda |d|^2) up to Monte-Carlo error (checked within 4 SE).
+    """
+    path = get_path(path_name)
+    oracle = Oracle(DATA, path)
+    predicts = "velocity" if loss_name == "cfm" else "score"
+    z, t, eps = draw(20_000, torch.Generator().manual_seed(11), t_min=0.05, t_max=0.95)
+    lam = path.schedule(t).beta ** 2 if loss_name == "dsm" else torch.ones_like(t)
+    base = LOSSES[loss_name](OracleNet(oracle, predicts), z, path, t=t, eps=eps)
+    for shift in (torch.tensor([0.3, -0.2], dtype=F64), torch.tensor([-0.1, 0.0], dtype=F64)):
+
+        def perturbed(x, t, y=None, shift=shift):
+            return oracle.predict(x, t, predicts) + shift * torch.cos(3 * x)  # (B, 2)
+
+        perturbed.prediction_type = predicts
+        loss = LOSSES[loss_name](perturbed, z, path, t=t, eps=eps)
+        x = path.sample(z, t, eps).x
+        size = lam * ((shift * torch.cos(3 * x)) ** 2).mean(1)  # (B,)
+        assert loss.mean() > base.mean()
+        _within(loss - base - size)
+
+
+def test_conditional_and_unconditional_nets():
+    """y reaches a class-conditional net; y = None calls a two-argument net(x, t)."""
+    path = get_path("linear")
+    z, t, eps = draw(16, torch.Generator().manual_seed(3))
+
+    def uncond(x, t):
+        return x * t[:, None]
+
+    uncond.prediction_type = "velocity"
+    x = path.sample(z, t, eps).x
+    torch.testing.assert_close(
+        cfm_loss(uncond, z, path, t=t, eps=eps), ((uncond(x, t) - (z - eps)) ** 2).mean(1)
+    )
+
+    seen = []
+
+    def cond(x, t, y):
+        seen.append(y)
+        return x + y[:, None].to(x.dtype)
+
+    cond.prediction_type = "x0"
+    y = torch.arange(16) % 3
+    a = dsm_loss(cond, z, path, t=t, eps=eps, y=y)
+    assert seen[0] is y and a.shape == (16,)
+    assert not torch.allclose(a, dsm_loss(cond, z, path, t=t, eps=eps, y=torch.zeros_like(y)))
+
+
+def test_sample_time_default_range_avoids_the_ends():
+    for kind in ("uniform", "logit-normal"):
+        t = sample_time(50_000, kind, generator=torch.Generator().manual_seed(0), dtype=F64,
+                        scale=4.0)  # fmt: skip
+        assert t.min() >= 1e-5 and t.max() <= 1 - 1e-5
+    t = sample_time(4, t_min=0.0, t_max=1.0)  # the closed interval on request
+    assert t.min() >= 0.0 and t.max() <= 1.0
