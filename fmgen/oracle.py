@@ -38,10 +38,16 @@ class Oracle:
         if weights is None:
             weights = torch.full((data.shape[0],), 1.0 / data.shape[0], dtype=data.dtype)
         weights = torch.as_tensor(weights, dtype=data.dtype, device=data.device)
-        if weights.shape != (data.shape[0],) or bool((weights < 0).any()) or weights.sum() <= 0:
+        if (
+            weights.shape != (data.shape[0],)
+            or not bool(torch.isfinite(weights).all())
+            or bool((weights < 0).any())
+            or weights.sum() <= 0
+        ):
             raise ValueError(
-                f"weights must be non-negative with shape (K,) = ({data.shape[0]},) and a positive "
-                f"sum; got shape {tuple(weights.shape)}"
+                f"weights must be finite and non-negative with shape (K,) = ({data.shape[0]},) and "
+                f"a positive sum; got shape {tuple(weights.shape)}, "
+                f"first values {weights.flatten()[:8].tolist()}"
             )
         self.log_weights = torch.log(weights / weights.sum())
 

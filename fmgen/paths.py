@@ -108,7 +108,13 @@ class GaussianPath(ABC):
         return self._schedule(check_time(t))
 
     def _coeffs(self, t: Tensor | float, x: Tensor) -> Schedule:
-        s = self.schedule(torch.as_tensor(t, device=x.device))
+        # at least x's precision: a Python float t would otherwise become float32 and round
+        # alpha, beta of a float64 x (relative error ~1e-7)
+        if isinstance(t, Tensor) and t.is_floating_point():
+            t = t.to(device=x.device, dtype=torch.promote_types(t.dtype, x.dtype))
+        else:
+            t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        s = self.schedule(t)
         return Schedule(*(expand_time(v, x) for v in (s.alpha, s.beta, s.dalpha, s.dbeta)))
 
     # --- sampling and conditional quantities -------------------------------------------------
@@ -149,25 +155,31 @@ class GaussianPath(ABC):
 
     def score_from_velocity(self, u: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """s = (alpha u - dalpha x) / (beta (dalpha beta - alpha dbeta))."""
+        _check_same_shape(u, x, "u", "x")
         s = self._coeffs(t, x)
         return (s.alpha * u - s.dalpha * x) / (s.beta * (s.dalpha * s.beta - s.alpha * s.dbeta))
 
     def velocity_from_score(self, score: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """u = (dalpha / alpha) x + beta (dalpha beta / alpha - dbeta) s."""
+        _check_same_shape(score, x, "score", "x")
         s = self._coeffs(t, x)
         return s.dalpha / s.alpha * x + s.beta * (s.dalpha * s.beta / s.alpha - s.dbeta) * score
 
     def eps_from_x0(self, x0: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """eps_hat = (x - alpha D) / beta."""
+        _check_same_shape(x0, x, "x0", "x")
         s = self._coeffs(t, x)
         return (x - s.alpha * x0) / s.beta
 
     def score_from_eps(self, eps: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """score = -eps_hat / beta."""
+        _check_same_shape(eps, x, "eps", "x")
         return -eps / self._coeffs(t, x).beta
 
     def velocity_from_x0_eps(self, x0: Tensor, eps: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """velocity = dalpha D + dbeta eps_hat."""
+        _check_same_shape(x0, x, "x0", "x")
+        _check_same_shape(eps, x, "eps", "x")
         s = self._coeffs(t, x)
         return s.dalpha * x0 + s.dbeta * eps
 
