@@ -84,19 +84,25 @@ def per_component(oracle: Oracle, fn, x: torch.Tensor, t: torch.Tensor) -> torch
 
 
 def marginal_targets(oracle: Oracle, x: torch.Tensor, t: torch.Tensor) -> dict:
-    """Posterior means of the four conditional targets, computed explicitly over k."""
+    """Posterior means of the four conditional targets, computed explicitly over k from the
+    formulas of MATH.md written out here (not the path's conditional_* methods)."""
     path, post = oracle.path, posterior_ref(oracle, x, t)
 
-    def eps_of(xs, zs, ts):
-        s = path.schedule(ts)
-        return (xs - s.alpha[:, None] * zs) / s.beta[:, None]
+    def target(kind: str):
+        def fn(xs, zs, ts):
+            s = path.schedule(ts)
+            alpha, beta, dalpha, dbeta = (v[:, None] for v in (s.alpha, s.beta, s.dalpha, s.dbeta))
+            eps = (xs - alpha * zs) / beta  # the noise that puts z at x: x = alpha z + beta eps
+            return {
+                "x0": zs,
+                "eps": eps,
+                "velocity": dalpha * zs + dbeta * eps,
+                "score": -eps / beta,
+            }[kind]
 
-    fns = {
-        "x0": lambda xs, zs, ts: zs,
-        "eps": eps_of,
-        "velocity": path.conditional_velocity,
-        "score": path.conditional_score,
-    }
+        return fn
+
+    fns = {kind: target(kind) for kind in PREDICTION_TYPES}
     return {
         k: torch.einsum("bk,bkd->bd", post, per_component(oracle, f, x, t)) for k, f in fns.items()
     }
