@@ -1,0 +1,169 @@
+"""Throughput of ShardLoader against a bare tarfile + PIL loop over the same shards.
+
+    python bench/loader.py                    # 4096 32x32 RGB PNGs, ~1 minute on 2 cores
+    python bench/loader.py --samples 20000 --workers 0,1,2,4 --seconds 10
+
+The shards are scikit-learn digits upscaled to the resolution, tinted and noised (so the PNGs
+are about as large as CIFAR-10's). Both sides decode PNG with PIL, scale to [-1, 1] float32
+and batch to (B, C, H, W); the loader also shuffles (buffer 1000) and tracks its position.
+Rates are images/s after the first batches (start-up excluded), the best of --repeats
+interleaved runs (the machine may be shared). A second bare loop uses the loader's own tar
+reader, to separate the loader's overhead from its faster tar parsing. Targets: loader with 1 worker
+>= 0.9 x the bare single-process loop; near-linear scaling from 1 to 2 workers (where the
+machine has the cores: the main process needs some CPU too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fmgen.data import Example, ShardLoader, digits_images, write_shards  # noqa: E402
+from fmgen.stream import tar_members  # noqa: E402
+
+
+def make_shards(out: Path, n: int, resolution: int, per_shard: int) -> Path:
+    digits, labels = digits_images(resolution=resolution, channels=1)  # (1797, R, R) uint8
+    rng = np.random.default_rng(0)
+
+    def examples():
+        for i in range(n):
+            j = i % len(digits)
+            tint = rng.uniform(0.3, 1.0, 3)
+            rgb = digits[j][..., None] * tint + rng.normal(0, 8, (resolution, resolution, 3)) + 20
+            yield Example(Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)), int(labels[j]), i)
+
+    write_shards(
+        examples(),
+        out,
+        class_names=[str(k) for k in range(10)],
+        resolution=resolution,
+        channels=3,
+        samples_per_shard=per_shard,
+        source={"kind": "bench"},
+    )
+    return out
+
+
+def tarfile_members(path: Path):
+    with tarfile.open(path, mode="r|") as tar:
+        for info in tar:
+            yield info.name, tar.extractfile(info).read()
+
+
+def fmgen_members(path: Path):
+    with open(path, "rb", buffering=1 << 20) as f:
+        yield from tar_members(f)
+
+
+def bare_batches(paths: list[Path], batch_size: int, members=tarfile_members):
+    """The reference: read tars in order, decode with PIL, batch, scale; forever."""
+    while True:
+        for path in paths:
+            imgs: list[np.ndarray] = []
+            labels: list[int] = []
+            for name, data in members(path):
+                if name.endswith(".png"):
+                    with Image.open(io.BytesIO(data)) as im:
+                        imgs.append(np.asarray(im if im.mode == "RGB" else im.convert("RGB")))
+                elif name.endswith(".cls"):
+                    labels.append(int(data))
+                if len(imgs) == batch_size and len(labels) == batch_size:
+                    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)  # (B, C, H, W)
+                    yield x.float().div_(127.5).sub_(1.0).contiguous(), torch.tensor(labels)
+                    imgs, labels = [], []
+
+
+def rate(batches, batch_size: int, seconds: float, warmup: int = 3) -> float:
+    """Images/s over ``seconds`` after ``warmup`` batches."""
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x, y = next(it)[:2]
+        assert x.dtype == torch.float32 and y.shape == (x.shape[0],)
+        n += x.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, default=4096, help="images in the shards (default 4096)")
+    p.add_argument("--resolution", type=int, default=32, help="default 32")
+    p.add_argument("--samples-per-shard", type=int, default=512, help="default 512")
+    p.add_argument("--batch-size", type=int, default=128, help="default 128")
+    p.add_argument(
+        "--seconds", type=float, default=5.0, help="measuring time per setting (default 5)"
+    )
+    p.add_argument("--workers", default="0,1,2", help="loader worker counts (default 0,1,2)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="measure every setting this often, interleaved, and keep the best (default 2)",
+    )
+    p.add_argument(
+        "--data", default=None, help="keep the shards in this folder (default: a temp dir)"
+    )
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    workers = [int(w) for w in args.workers.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.data) if args.data else Path(tmp) / "shards"
+        t0 = time.perf_counter()
+        make_shards(folder, args.samples, args.resolution, args.samples_per_shard)
+        paths = sorted(folder.glob("train-*.tar"))
+        mb = sum(p.stat().st_size for p in paths) / 2**20
+        print(
+            f"shards: {args.samples} {args.resolution}x{args.resolution} RGB PNGs in {len(paths)} "
+            f"tars ({mb:.1f} MiB) written in {time.perf_counter() - t0:.1f} s; "
+            f"{os.cpu_count()} CPUs, batch {args.batch_size}"
+        )
+        settings = {
+            "bare tarfile+PIL loop": lambda: bare_batches(paths, args.batch_size),
+            "bare loop, fmgen tar reader": lambda: bare_batches(
+                paths, args.batch_size, fmgen_members
+            ),
+        }
+        for w in workers:
+            settings[f"ShardLoader, {w} workers"] = lambda w=w: ShardLoader(
+                folder, args.batch_size, num_workers=w, seed=0, resampled=True
+            )
+        best = dict.fromkeys(settings, 0.0)
+        for rep in range(args.repeats):
+            for name, make in settings.items():
+                best[name] = max(best[name], rate(make(), args.batch_size, args.seconds))
+                if rep == args.repeats - 1:
+                    print(
+                        f"{name:30s}: {best[name]:8.0f} images/s (best of {args.repeats})",
+                        flush=True,
+                    )
+    bare, fast = best["bare tarfile+PIL loop"], best["bare loop, fmgen tar reader"]
+    results = {w: best[f"ShardLoader, {w} workers"] for w in workers}
+    for w in results:
+        r = results[w] / bare
+        target = f" (target >= 0.90: {'ok' if r >= 0.9 else 'MISSED'})" if w == 1 else ""
+        print(f"ratio loader@{w} / bare tarfile loop      : {r:.2f}{target}")
+        print(f"ratio loader@{w} / bare, same tar reader : {results[w] / fast:.2f}")
+    if 1 in results and 2 in results:
+        print(
+            f"scaling loader@2 / loader@1 workers     : {results[2] / results[1]:.2f} "
+            "(linear: 2.00)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,389 @@
+"""Training data: a streaming loader over WebDataset shards whose position can be saved exactly.
+
+Shards and their manifest (format: ``fmgen.shards``) are written by ``prepare`` (``fmgen.sources``;
+re-exported here with the rest of the public data API, and run as ``python -m fmgen.data
+prepare ...``). ``ShardLoader`` reads them on each rank; its workers run ``fmgen.stream``:
+
+* The stream of one rank is split into L = max(1, num_workers) *lanes*, one per DataLoader
+  worker. A lane's stream is a sequence of epochs; epoch e of lane l on rank r draws its shard
+  order, shuffle buffer and flips from seeds derived from (seed, e, r, l), so it is a pure
+  function of those numbers.
+* Epoch mode (``resampled=False``): the shard list, permuted by (seed, e), is split explicitly,
+  ``shards[rank::world_size][lane::L]`` (WebDataset's split_by_node then split_by_worker, with
+  the rank given instead of read from torch.distributed): every sample is read once per epoch.
+* Resampled mode (the default, for step-based training): each lane draws shards with
+  replacement, forever, in epochs of a fixed number of samples (its shuffle buffer drains at
+  the end of each, so nothing read is wasted); batches may span epochs. No rank ever runs dry,
+  so no collective waits on an exhausted rank.
+* Position: per lane (epoch, cursor), the cursor counting samples taken from the shuffle buffer
+  (decoded or skipped as corrupt), plus the lane that delivers next. The DataLoader hands out
+  worker results round-robin, so after restoring, worker i plays lane (i + next) % L and the
+  sequence of batches continues exactly. Restoring re-reads the epoch's tar members up to the
+  cursor without decoding them. Positions count batches returned to the caller, never batches
+  a worker prefetched: each batch carries its lane's position.
+* Corrupt samples (undecodable image, missing member, wrong size, truncated tar) are skipped
+  with a logged warning; the count travels with the batches, so ``loader.skipped`` is exact
+  in the main process also with workers. A label outside the manifest's classes is an error.
+
+Do not pass a ShardLoader through ``accelerator.prepare``: it already splits by rank, and
+batches are moved to the device by the training loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fmgen.shards import (
+    IMAGE_FORMATS,
+    MANIFEST,
+    DataError,
+    Example,
+    Manifest,
+    ShardInfo,
+    read_manifest,
+    write_shards,
+)
+from fmgen.sources import digits_images, fit_image, main, prepare, prepare_parser
+from fmgen.stream import (
+    LaneDataset,
+    LaneItem,
+    LanePosition,
+    LaneSpec,
+    identity,
+    lane_items,
+    to_float,
+    worker_init,
+)
+
+__all__ = [
+    "IMAGE_FORMATS",
+    "DataError",
+    "Example",
+    "Manifest",
+    "ShardInfo",
+    "ShardLoader",
+    "digits_images",
+    "fit_image",
+    "main",
+    "prepare",
+    "prepare_parser",
+    "read_manifest",
+    "to_float",
+    "write_shards",
+]
+
+log = logging.getLogger("fmgen.data")
+
+STATE_VERSION = 1
+
+
+def _default_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _resolve_shards(source: str | Path, manifest: str | Path | None) -> tuple[Manifest, list[Path]]:
+    """The manifest and the shard files selected by a folder or a brace pattern, all checked."""
+    text = str(source).strip()
+    if not text:
+        raise DataError(
+            "the shard source is empty: pass a folder holding manifest.json (e.g. data/digits-16) "
+            "or a brace pattern such as data/digits-16/train-{000000..000001}.tar"
+        )
+    if Path(text).is_dir():
+        m = read_manifest(manifest if manifest is not None else text)
+        root = m.root or Path(text)
+        selected = list(m.shards)
+        if not selected:
+            raise DataError(f"{text}/{MANIFEST} lists no shards; prepare the shards again")
+    else:
+        import braceexpand
+
+        urls = [u for u in braceexpand.braceexpand(text) if u.strip()]
+        if not urls:
+            raise DataError(f"the shard pattern {text!r} expands to no file names; fix the pattern")
+        if manifest is None and not Path(urls[0]).parent.joinpath(MANIFEST).is_file():
+            raise DataError(
+                f"{text!r} is neither a folder holding {MANIFEST} nor a pattern of shards beside "
+                f"one; pass the prepared folder, or the manifest with manifest=..."
+            )
+        m = read_manifest(manifest if manifest is not None else Path(urls[0]).parent)
+        root = m.root or Path(".")
+        by_name = {s.name: s for s in m.shards}
+        selected = []
+        for u in dict.fromkeys(urls):
+            if Path(u).name not in by_name:
+                raise DataError(
+                    f"shard {u} of the pattern {text!r} is not listed in {root / MANIFEST}; "
+                    f"use one of {m.pattern!r} or prepare the shards again"
+                )
+            selected.append(by_name[Path(u).name])
+    paths = [root / s.name for s in selected]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(
+            f"{len(missing)} shard(s) listed in {root / MANIFEST} are missing, e.g. {missing[0]}; "
+            f"prepare the shards again (`python -m fmgen.data prepare ... --out {root} "
+            f"--overwrite`)"
+        )
+    for s in selected:
+        if s.label_min < 0 or s.label_max >= m.num_classes:
+            bad = s.label_min if s.label_min < 0 else s.label_max
+            raise DataError(
+                f"shard {s.name} holds label {bad}, outside the manifest's {m.num_classes} classes "
+                f"(0..{m.num_classes - 1}); fix classes.names in {root / MANIFEST} or prepare the "
+                f"shards again"
+            )
+    return m, paths
+
+
+class ShardLoader:
+    """Batches of (images, labels[, keys]) from prepared shards, for one rank.
+
+    Args:
+        source: a folder holding ``manifest.json``, or a brace pattern of some of its shards
+            (``data/d/train-{000000..000003}.tar``; the manifest beside them, or ``manifest``).
+        batch_size: per-process batch size B.
+        rank, world_size: this process and the number of processes (default: from
+            torch.distributed if initialized, else 0 and 1). Splitting is explicit: no
+            ``accelerator.prepare``.
+        num_workers: DataLoader worker processes (0: decode in this process).
+        seed: the stream is a function of (seed, epoch, rank, lane) only.
+        resampled: True: shards drawn with replacement, an endless stream of equal epochs
+            (training). False: each epoch reads every selected shard once, split across ranks
+            and workers; iteration ends with the epoch, the next iteration starts the next one.
+        shuffle_buffer: samples held for shuffling; 0 disables shuffling (epoch mode then reads
+            the shards in manifest order, samples in file order).
+        hflip: random horizontal flip, p = 0.5.
+        drop_last: epoch mode: drop each lane's final short batch (resampled batches are full).
+        return_keys: also yield the sample keys (``list[str]``, the 8-digit source ids).
+        epoch_batches: resampled mode: batches this rank yields per epoch (rounded up to a
+            multiple of max(1, num_workers)); default: one pass's worth,
+            ``num_samples // (world_size * batch_size)``. Ignored in epoch mode.
+        prefetch_factor: batches each worker prepares ahead.
+
+    Yields:
+        images (B, C, H, W) float32 in [-1, 1] (``x / 127.5 - 1`` of the stored uint8),
+        labels (B,) int64, and with ``return_keys`` the keys.
+    """
+
+    def __init__(
+        self,
+        source: str | Path,
+        batch_size: int,
+        *,
+        manifest: str | Path | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        resampled: bool = True,
+        shuffle_buffer: int = 1000,
+        hflip: bool = False,
+        drop_last: bool = False,
+        return_keys: bool = False,
+        prefetch_factor: int = 2,
+        epoch_batches: int | None = None,
+    ):
+        r0, w0 = _default_rank_world()
+        rank = r0 if rank is None else rank
+        world_size = w0 if world_size is None else world_size
+        for name, v, lo in (
+            ("batch_size", batch_size, 1),
+            ("world_size", world_size, 1),
+            ("num_workers", num_workers, 0),
+            ("seed", seed, 0),
+            ("shuffle_buffer", shuffle_buffer, 0),
+            ("prefetch_factor", prefetch_factor, 1),
+        ):
+            if not isinstance(v, int) or v < lo:
+                raise DataError(f"ShardLoader: {name} must be an integer >= {lo}, got {v!r}")
+        if not 0 <= rank < world_size:
+            raise DataError(
+                f"ShardLoader: rank {rank} is outside 0..{world_size - 1} (world_size {world_size})"
+            )
+        self.manifest, paths = _resolve_shards(source, manifest)
+        lanes = max(1, num_workers)
+        streams = world_size * lanes
+        if not resampled and len(paths) < streams:
+            raise DataError(
+                f"epoch mode (resampled=False) needs at least world_size x num_workers = "
+                f"{world_size} x {lanes} = {streams} shards, one per stream, but {source} has "
+                f"{len(paths)}; empty streams would leave ranks waiting for each other. Use "
+                f"resampled=True (training), fewer workers, or prepare more shards "
+                f"(--samples-per-shard {max(1, self.manifest.num_samples // streams)} or less)"
+            )
+        self.num_samples = sum(self._counts(paths))
+        if epoch_batches is not None and (not isinstance(epoch_batches, int) or epoch_batches < 1):
+            raise DataError(
+                f"ShardLoader: epoch_batches must be None or an integer >= 1, got {epoch_batches!r}"
+            )
+        per_rank = epoch_batches or max(1, self.num_samples // (world_size * batch_size))
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self._spec = LaneSpec(
+            shards=tuple(str(p) for p in paths),
+            num_classes=self.manifest.num_classes,
+            resolution=self.manifest.resolution,
+            channels=self.manifest.channels,
+            image_ext=self.manifest.image_format,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            lanes=lanes,
+            seed=seed,
+            resampled=resampled,
+            shuffle_buffer=shuffle_buffer,
+            hflip=hflip,
+            drop_last=drop_last,
+            return_keys=return_keys,
+            lane_samples=math.ceil(per_rank / lanes) * batch_size,
+            corrupt_limit=max(1000, 2 * self.num_samples),
+        )
+        self._skipped_base = 0
+        self._start_epoch(0)
+
+    def _counts(self, paths: Sequence[Path]) -> list[int]:
+        by_name = {s.name: s.num_samples for s in self.manifest.shards}
+        return [by_name[p.name] for p in paths]
+
+    # --- read-only views ---
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest.class_names)
+
+    @property
+    def batches_per_epoch(self) -> int | None:
+        """Resampled mode: batches this rank yields per epoch (epoch mode: None, data-dependent)."""
+        return (
+            self._spec.lane_samples // self._spec.batch_size * self._spec.lanes
+            if self._spec.resampled
+            else None
+        )
+
+    @property
+    def epoch(self) -> int:
+        return min(lane.epoch for lane in self._lanes)
+
+    @property
+    def skipped(self) -> int:
+        """Corrupt samples skipped so far (all workers, restored runs included)."""
+        return self._skipped_base + sum(self._skipped_live)
+
+    # --- position ---
+    def _start_epoch(self, epoch: int) -> None:
+        self._lanes = [LanePosition(epoch) for _ in range(self._spec.lanes)]
+        self._next_lane = 0
+        self._skipped_live = [0] * self._spec.lanes
+
+    def _fingerprint(self) -> dict[str, Any]:
+        s = self._spec
+        keys = (
+            "batch_size",
+            "rank",
+            "world_size",
+            "lanes",
+            "seed",
+            "resampled",
+            "shuffle_buffer",
+            "hflip",
+            "drop_last",
+            "lane_samples",
+        )
+        return {
+            "shards": [Path(p).name for p in s.shards],
+            "num_samples": self.num_samples,
+            **{k: getattr(s, k) for k in keys},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the batches returned so far (plain Python values)."""
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": self._fingerprint(),
+            "lanes": [[x.epoch, x.cursor, x.done] for x in self._lanes],
+            "next_lane": self._next_lane,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; the next batches equal those the saved run would have yielded.
+
+        If the stream settings changed (workers, batch size, seed, shards, ...), exact
+        continuation is impossible: a warning is logged and the stream starts the epoch after
+        the saved one, so it still does not replay what was seen.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise DataError(
+                f"data position version {state.get('version')!r} is not {STATE_VERSION}; it was "
+                f"written by another fmgen version"
+            )
+        lanes = [LanePosition(int(e), int(c), bool(d)) for e, c, d in state["lanes"]]
+        now, saved = self._fingerprint(), state.get("fingerprint", {})
+        self._skipped_base = int(state.get("skipped", 0))
+        if saved != now:
+            changed = sorted(k for k in now if saved.get(k) != now[k])
+            epoch = max(x.epoch for x in lanes) + 1
+            log.warning(
+                "the data position was saved with different %s; starting epoch %d instead of "
+                "continuing exactly",
+                ", ".join(changed),
+                epoch,
+            )
+            self._start_epoch(epoch)
+            return
+        self._lanes, self._next_lane = lanes, int(state["next_lane"])
+        self._skipped_live = [0] * self._spec.lanes
+
+    # --- iteration ---
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        yield from self._stream()
+        if not self._spec.resampled:
+            self._start_epoch(self.epoch + 1)
+
+    def _stream(self) -> Iterator[tuple[Tensor, ...]]:
+        spec, lanes = self._spec, self._spec.lanes
+        start = tuple(self._lanes)
+        if self.num_workers == 0:
+            items: Iterator[LaneItem] = lane_items(spec, 0, start[0])
+        else:
+            loader = torch.utils.data.DataLoader(
+                LaneDataset(spec, start, self._next_lane),
+                batch_size=None,  # lanes batch themselves
+                num_workers=self.num_workers,
+                collate_fn=identity,
+                worker_init_fn=worker_init,
+                prefetch_factor=self.prefetch_factor,
+            )
+            items = iter(loader)
+        try:
+            for it in items:
+                if it.kind == "error":
+                    raise DataError(it.message)
+                self._lanes[it.lane] = it.position
+                self._skipped_live[it.lane] = it.skipped
+                self._next_lane = (it.lane + 1) % lanes
+                if it.kind == "batch":
+                    x, y = torch.from_numpy(it.images), torch.from_numpy(it.labels)  # type: ignore[arg-type]
+                    yield (x, y, it.keys) if spec.return_keys else (x, y)  # type: ignore[misc]
+        finally:
+            self._skipped_base += sum(self._skipped_live)
+            self._skipped_live = [0] * lanes
+            shutdown = getattr(items, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
