@@ -5,3 +5,63 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits.yaml"
+BATCH = 16
+# A tiny digits job: 8x8 images, a two-level U-Net, no W&B, no quality report.
+TINY = [
+    "data.resolution=8",
+    "model.block_out_channels=[8,16]",
+    "model.layers_per_block=1",
+    f"train.batch_size={BATCH}",
+    "train.log_every_steps=1",
+    "train.checkpoint_every_images=100000",
+    "optim.warmup_images=32",
+    "logging.wandb=false",
+    "eval.quality_check=false",
+    "sample.steps=2",
+    "sample.per_class=2",
+]
+
+
+def tiny(shards: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    """Overrides for a tiny run of ``steps`` optimizer steps in ``run_dir``."""
+    return [
+        *TINY,
+        f"data.path={shards}",
+        f"train.run_dir={run_dir}",
+        f"train.total_images={steps * BATCH}",
+        *extra,
+    ]
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """Digits at 8x8 as shards, prepared once for the whole session."""
+    from fmgen.data import prepare
+
+    out = tmp_path_factory.mktemp("digits8")
+    prepare("digits", out, resolution=8, channels=1)
+    return out
+
+
+def train_tiny(shards: Path, run_dir: Path, steps: int, *extra: str, resume: str | None = None):
+    from fmgen.config import load_config
+    from fmgen.train import train
+
+    return train(load_config(DIGITS, tiny(shards, run_dir, steps, *extra)), resume=resume)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(shards, tmp_path_factory):
+    """A finished tiny run (velocity prediction), shared by the sampling and FID tests."""
+    return train_tiny(shards, tmp_path_factory.mktemp("tiny-run"), 3)

@@ -1,0 +1,161 @@
+"""The training data stream: prepared shards, streamed per rank, or held in memory.
+
+``open_train_data`` prepares the shards once (the digits default, or a folder / datasets source)
+on the main process, then opens either
+- the streaming ``ShardLoader`` (the scalable path: each rank reads its own shards), or
+- ``InMemoryData`` (``data.in_memory: true``): every rank holds the whole (small) data set and
+  takes its slice of one seeded GLOBAL permutation, so the images of a step do not depend on
+  the number of processes; 1 and N processes then see the same global batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fmgen.config import DataConfig
+from fmgen.data import DataError, ShardLoader, prepare, read_manifest
+
+log = logging.getLogger("fmgen.train_data")
+
+
+def ensure_shards(cfg: DataConfig) -> Path:
+    """Prepare the shards named by the config if their manifest is missing; return the folder."""
+    folder = Path(cfg.path)
+    if (folder / "manifest.json").is_file():
+        return folder
+    if cfg.source == "shards":
+        raise DataError(
+            f"data.path={cfg.path!r} holds no manifest.json; prepare shards first with "
+            f"`python -m fmgen.data prepare --out {cfg.path} ...` or set data.source"
+        )
+    if cfg.source in ("folder", "hf") and not cfg.source_path:
+        raise DataError(
+            f"data.source={cfg.source!r} needs data.source_path (the folder or data set name)"
+        )
+    log.info("preparing %s shards in %s", cfg.source, folder)
+    prepare(
+        cfg.source,
+        folder,
+        resolution=cfg.resolution,
+        channels=cfg.channels,
+        source_path=cfg.source_path or None,
+        image_column=cfg.image_column,
+        label_column=cfg.label_column or None,
+    )
+    return folder
+
+
+class InMemoryData:
+    """All samples in memory; step k of epoch e uses global batch k of a (seed, e) permutation.
+
+    Args:
+        images: (N, C, H, W) float32 in [-1, 1]; labels: (N,) int64.
+        batch_size: per-process batch; the global batch is batch_size x world_size.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, class_names: list[str], *, batch_size: int,
+                 rank: int, world_size: int, seed: int, hflip: bool):  # fmt: skip
+        self.images, self.labels, self.class_names = images, labels, class_names
+        self.num_classes = len(class_names)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.hflip = seed, hflip
+        self.global_batch = batch_size * world_size
+        if self.global_batch > len(images):
+            raise DataError(
+                f"the global micro-batch {self.global_batch} exceeds the {len(images)} samples held in "
+                f"memory; lower train.batch_size or raise train.grad_accum"
+            )
+        self.epoch, self.batch_in_epoch = 0, 0
+        self.skipped = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, sd: dict[str, int]) -> None:
+        self.epoch, self.batch_in_epoch = int(sd["epoch"]), int(sd["batch_in_epoch"])
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        per_epoch = len(self.images) // self.global_batch
+        while True:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            perm = torch.randperm(len(self.images), generator=gen)
+            flips = torch.rand(len(self.images), generator=gen) < 0.5
+            while self.batch_in_epoch < per_epoch:
+                start = self.batch_in_epoch * self.global_batch + self.rank * self.batch_size
+                idx = perm[start : start + self.batch_size]
+                x = self.images[idx]
+                if self.hflip:
+                    x = torch.where(flips[idx, None, None, None], x.flip(-1), x)
+                self.batch_in_epoch += 1
+                yield x, self.labels[idx]
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+
+class StreamData:
+    """The streaming ShardLoader made infinite, with the interface the loop uses."""
+
+    def __init__(self, loader: ShardLoader):
+        self.loader = loader
+        self.num_classes, self.class_names = loader.num_classes, loader.class_names
+
+    @property
+    def skipped(self) -> int:
+        return self.loader.skipped
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.loader.load_state_dict(sd)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        while True:  # resampled streams never end; an epoch-mode stream restarts
+            yield from self.loader
+
+
+def read_all(folder: Path) -> tuple[Tensor, Tensor]:
+    """Every sample of a shard folder, in shard order: (N, C, H, W) in [-1, 1], (N,)."""
+    loader = ShardLoader(folder, batch_size=1024, resampled=False, shuffle_buffer=0, seed=0)
+    xs, ys = zip(*loader, strict=True)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def open_train_data(
+    cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int, main: bool,
+    barrier: Callable[[], None],
+) -> InMemoryData | StreamData:  # fmt: skip
+    if main:
+        ensure_shards(cfg)
+    barrier()
+    folder = Path(cfg.path)
+    manifest = read_manifest(folder)
+    for key in ("resolution", "channels"):
+        if getattr(manifest, key) != getattr(cfg, key):
+            raise DataError(
+                f"data.{key}={getattr(cfg, key)} but the shards in {folder} have {key} "
+                f"{getattr(manifest, key)}; set data.{key}={getattr(manifest, key)} or prepare new "
+                f"shards in another data.path"
+            )
+    if cfg.in_memory:
+        images, labels = read_all(folder)
+        return InMemoryData(images, labels, list(manifest.class_names), batch_size=batch_size, rank=rank,
+                            world_size=world_size, seed=seed, hflip=cfg.hflip)  # fmt: skip
+    loader = ShardLoader(
+        folder,
+        batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=cfg.num_workers,
+        seed=seed,
+        resampled=True,
+        shuffle_buffer=cfg.shuffle_buffer,
+        hflip=cfg.hflip,
+        drop_last=True,  # every step sees the same global batch size
+    )
+    return StreamData(loader)

@@ -1,0 +1,242 @@
+"""Training: exact resume, 1 vs 2 ranks, SIGTERM, the non-finite guard, W&B offline, export."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BATCH, DIGITS, ROOT, tiny
+from conftest import subprocess_env as env
+from safetensors.torch import load_file
+
+from fmgen.config import load_config
+
+
+def latest(run_dir: Path) -> Path:
+    ck = run_dir / "checkpoints"
+    return ck / (ck / "latest").read_text().strip()
+
+
+def weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    extra = torch.load(ckpt / "fmgen_extra.pt", weights_only=False)
+    return load_file(ckpt / "model.safetensors"), extra["ema"]["shadow_params"]
+
+
+def run_train(overrides: list[str], *, resume: str | None = None):
+    from fmgen.train import train
+
+    return train(load_config(DIGITS, overrides), resume=resume)
+
+
+def test_exact_resume_equals_uninterrupted(shards, tmp_path):
+    """N steps, stop, resume, N more == 2N uninterrupted: weights and EMA torch.equal."""
+    n = 3
+    full = run_train(tiny(shards, tmp_path / "full", 2 * n, "train.deterministic=true"))
+    half = tmp_path / "half"
+    first = run_train(tiny(shards, half, n, "train.deterministic=true"))
+    assert first.step == n
+    second = run_train(tiny(shards, half, 2 * n, "train.deterministic=true"), resume="auto")
+    assert second.step == 2 * n
+    (w_full, e_full), (w_res, e_res) = weights(latest(full.run_dir)), weights(latest(half))
+    assert w_full.keys() == w_res.keys()
+    for k in w_full:
+        assert torch.equal(w_full[k], w_res[k]), k
+    for a, b in zip(e_full, e_res, strict=True):
+        assert torch.equal(a, b)
+    # the run really moved: the weights differ from the half-way checkpoint's
+    w_mid, _ = weights(first.checkpoint) if first.checkpoint.exists() else (None, None)
+    assert w_mid is None or any(not torch.equal(w_mid[k], w_res[k]) for k in w_mid)
+
+
+def test_run_writes_checkpoint_export_grid_and_loads(shards, tmp_path):
+    res = run_train(tiny(shards, tmp_path / "run", 2))
+    assert (res.checkpoint / "fmgen_state.json").is_file()
+    state = json.loads((res.checkpoint / "fmgen_state.json").read_text())
+    assert state["step"] == 2 and state["images"] == 2 * BATCH
+    assert (res.export_dir / "unet" / "config.json").is_file() and (
+        res.export_dir / "fmgen.json"
+    ).is_file()
+    assert res.grid.is_file()
+    from fmgen.checkpoint import load_model
+
+    exported = load_model(res.export_dir)
+    from_ckpt = load_model(res.checkpoint, weights="ema")
+    for a, b in zip(exported.model.parameters(), from_ckpt.model.parameters(), strict=True):
+        assert torch.equal(a, b)  # the export holds the EMA weights of the last checkpoint
+    raw = load_model(res.checkpoint, weights="raw")
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(raw.model.parameters(), from_ckpt.model.parameters(), strict=True)
+    )
+
+
+def test_batch_must_divide_and_resume_mismatch_is_clear(shards, tmp_path):
+    from fmgen.config import ConfigError
+    from fmgen.train import TrainingError
+
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        run_train(tiny(shards, tmp_path / "a", 1, "train.batch_size=15", "train.grad_accum=2"))
+    run_train(tiny(shards, tmp_path / "b", 1))
+    with pytest.raises(TrainingError, match="model settings differ"):
+        run_train(
+            tiny(shards, tmp_path / "b", 2, "model.block_out_channels=[16,16]"), resume="auto"
+        )
+
+
+def test_nonfinite_losses_are_skipped_and_counted(shards, tmp_path, monkeypatch):
+    import fmgen.train as tr
+
+    real = tr.get_loss("cfm")
+    calls = {"n": 0}
+
+    def flaky(net, z, path, **kw):
+        calls["n"] += 1
+        out = real(net, z, path, **kw)
+        return out * float("nan") if calls["n"] in (2, 3) else out
+
+    monkeypatch.setattr(tr, "get_loss", lambda name: flaky)
+    res = run_train(tiny(shards, tmp_path / "nan", 5))
+    state = json.loads((res.checkpoint / "fmgen_state.json").read_text())
+    assert state["step"] == 5 and state["nonfinite_total"] == 2 and state["nonfinite_streak"] == 0
+    _, ema = weights(res.checkpoint)
+    assert all(torch.isfinite(p).all() for p in ema)
+
+
+def test_nonfinite_streak_stops_with_clear_message(shards, tmp_path, monkeypatch):
+    import fmgen.train as tr
+
+    monkeypatch.setattr(
+        tr,
+        "get_loss",
+        lambda name: lambda net, z, path, **kw: torch.full((z.shape[0],), float("inf")),
+    )
+    with pytest.raises(tr.TrainingError, match=r"3 non-finite losses in a row"):
+        run_train(tiny(shards, tmp_path / "inf", 10, "train.max_nonfinite_steps=3"))
+
+
+def logged_history(run_file: Path, key: str) -> list[float]:
+    """Values of one scalar in an offline W&B run file (.wandb, protobuf records).
+
+    A history item is the key (field 2, a string) followed by its JSON value (field 16). This
+    reads them without W&B's internal reader, which moved between versions.
+    """
+    data = run_file.read_bytes()
+    k = key.encode()
+    pattern = re.compile(b"\\x12" + re.escape(bytes([len(k)]) + k) + b"\\x82\\x01(.)", re.DOTALL)
+    values = []
+    for m in pattern.finditer(data):
+        n = m.group(1)[0]
+        values.append(float(data[m.end() : m.end() + n]))
+    return values
+
+
+def test_wandb_offline_logs_scalars_and_grids_and_resumes_same_run(shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "wb"
+    extra = ["logging.wandb=true", "logging.mode=offline", f"train.sample_every_images={2 * BATCH}"]
+    run_train(tiny(shards, run, 3, *extra))
+    run_train(tiny(shards, run, 5, *extra), resume="auto")
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    ids = {p.name.rsplit("-", 1)[-1] for p in runs}
+    assert len(ids) == 1, f"resume started a new W&B run: {ids}"
+    saved_id = json.loads((latest(run) / "fmgen_state.json").read_text())["wandb_run_id"]
+    assert ids == {saved_id}
+    files = [next(r.glob("run-*.wandb")) for r in runs]
+    images = [
+        sorted(set(logged_history(f, "train/images"))) for f in files
+    ]  # history + summary copies
+    assert images == [
+        [16.0, 32.0, 48.0],
+        [64.0, 80.0],
+    ]  # every step logged, resumed where it stopped
+    losses = set(logged_history(files[0], "train/loss")) | set(
+        logged_history(files[1], "train/loss")
+    )
+    assert len(losses) == 5 and all(math.isfinite(v) and v > 0 for v in losses)
+    grids = [list(r.glob("files/media/images/samples/*.png")) for r in runs]
+    assert all(grids), f"no image grid logged in some run: {grids}"
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_resume_auto_finishes(shards, tmp_path):
+    """SIGTERM mid-run: a checkpoint is written and --resume auto continues to the exact end."""
+    run = tmp_path / "sig"
+    total = 400
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        str(DIGITS),
+        *tiny(shards, run, total),
+        "--resume",
+        "auto",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    seen = []
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        seen.append(line)
+        if "step 5/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(seen[-20:])
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, out
+    assert "stopped by signal" in out
+    stopped = json.loads((latest(run) / "fmgen_state.json").read_text())["step"]
+    assert 5 <= stopped < total
+    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resumed from" in done.stdout + done.stderr
+    assert json.loads((latest(run) / "fmgen_state.json").read_text())["step"] == total
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank(shards, tmp_path):
+    """2 gloo ranks == 1 rank with the same global batch and samples; only rank 0 writes."""
+    common = [
+        *tiny(shards, tmp_path / "x", 4),
+        "data.in_memory=true",
+        "logging.wandb=true",
+        "logging.mode=offline",
+    ]
+    one = [*common, f"train.run_dir={tmp_path / 'one'}"]
+    two = [*common, f"train.run_dir={tmp_path / 'two'}"]
+    r1 = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(DIGITS), *one],
+                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+    ]
+    r2 = subprocess.run([*torchrun, str(ROOT / "train.py"), "--config", str(DIGITS), *two],
+                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    assert "global batch 16 = 2 processes x 8 per process" in r2.stdout + r2.stderr
+    (w1, e1), (w2, e2) = weights(latest(tmp_path / "one")), weights(latest(tmp_path / "two"))
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), k
+    for a, b in zip(e1, e2, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    # only rank 0 wrote: one W&B run, one grid per cadence, checkpoint files once
+    assert len(list((tmp_path / "two" / "wandb").glob("offline-run-*"))) == 1
+    assert sorted(p.name for p in (tmp_path / "two" / "samples").iterdir()) == ["final.png"]
+    ck = latest(tmp_path / "two")
+    assert (ck / "fmgen_loader_0.pt").is_file() and (ck / "fmgen_loader_1.pt").is_file()
+    assert len(list(ck.glob("model*.safetensors"))) == 1
