@@ -1,0 +1,145 @@
+"""sample.py and generation: grids, seeds, prediction types, SDE, guidance, splits, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, subprocess_env, train_tiny
+from PIL import Image
+
+from fmgen import samplers
+from fmgen.checkpoint import load_model
+from fmgen.generate import generate, model_field
+
+
+def run_sample(*args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
+    head = [sys.executable]
+    if torchrun:
+        head += ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    return subprocess.run([*head, str(ROOT / "sample.py"), *args], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_sample_py_writes_grid_and_npz_of_requested_shape(tiny_run, tmp_path):
+    grid, out = tmp_path / "g.png", tmp_path / "s"
+    r = run_sample("--checkpoint", str(tiny_run.run_dir), "--per-class", "3", "--steps", "2",
+                   "--out", str(grid), "--out-dir", str(out), "--format", "npz")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = np.load(out / "samples.npz")
+    assert data["images"].shape == (30, 8, 8, 1) and data["images"].dtype == np.uint8
+    assert np.array_equal(data["labels"], np.repeat(np.arange(10), 3))
+    img = Image.open(grid)
+    cell = 8 * (64 // 8)  # 8x8 images upscaled x8 in the grid
+    assert img.height == 10 * cell  # one row per class
+    assert img.width >= 3 * cell  # three per row, plus the class-label margin
+    pngs = tmp_path / "p"
+    r = run_sample("--checkpoint", str(tiny_run.run_dir), "--labels", "3,3,7", "--steps", "2",
+                   "--out", str(tmp_path / "g2.png"), "--out-dir", str(pngs))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in pngs.iterdir()) == [
+        "000000_class3.png",
+        "000001_class3.png",
+        "000002_class7.png",
+    ]
+
+
+def test_same_seed_same_images(tiny_run):
+    loaded = load_model(tiny_run.run_dir)
+    y = torch.arange(10)
+    a = generate(loaded.model, loaded.path, num=10, labels=y, steps=3, seed=5)
+    b = generate(loaded.model, loaded.path, num=10, labels=y, steps=3, seed=5)
+    c = generate(loaded.model, loaded.path, num=10, labels=y, steps=3, seed=6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.fixture(scope="module")
+def eps_run(shards, tmp_path_factory):
+    return train_tiny(
+        shards, tmp_path_factory.mktemp("eps"), 3, "model.prediction_type=eps", "loss.name=dsm"
+    )
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "rk4", "sde"])
+def test_velocity_and_eps_models_sample_with_every_solver(tiny_run, eps_run, sampler):
+    for run in (tiny_run, eps_run):
+        loaded = load_model(run.run_dir)
+        x = generate(
+            loaded.model,
+            loaded.path,
+            num=6,
+            labels=torch.arange(6),
+            sampler=sampler,
+            steps=4,
+            guidance=1.5,
+        )
+        assert x.shape == (6, 1, 8, 8) and torch.isfinite(x).all()
+    assert load_model(eps_run.run_dir).model.prediction_type == "eps"
+
+
+def test_eps_model_field_is_the_converted_velocity(eps_run):
+    """The sampler's field of an eps model equals the MATH.md velocity of its eps output."""
+    loaded = load_model(eps_run.run_dir)
+    m, path = loaded.model, loaded.path
+    x, t, y = torch.randn(4, 1, 8, 8), torch.full((4,), 0.4), torch.arange(4)
+    field = model_field(m, path, y, guidance=1.0)
+    with torch.no_grad():
+        eps = m(x, t, y)
+        s = path.schedule(t)
+        d = (x - s.beta.view(-1, 1, 1, 1) * eps) / s.alpha.view(-1, 1, 1, 1)  # x0 from eps
+        u = s.dalpha.view(-1, 1, 1, 1) * d + s.dbeta.view(-1, 1, 1, 1) * eps
+        assert torch.allclose(field(x, t), u, atol=1e-5)
+
+
+def test_guidance_scales_follow_the_formula(tiny_run):
+    loaded = load_model(tiny_run.run_dir)
+    m, path = loaded.model, loaded.path
+    x, t, y = torch.randn(5, 1, 8, 8), torch.full((5,), 0.3), torch.arange(5)
+    null = torch.full_like(y, m.null_label)
+    with torch.no_grad():
+        cond, uncond = m(x, t, y), m(x, t, null)
+        for w in (0.0, 1.0, 2.5):
+            got = model_field(m, path, y, guidance=w)(x, t)
+            assert torch.allclose(got, uncond + w * (cond - uncond), atol=1e-5), w
+        assert torch.equal(model_field(m, path, y, 1.0)(x, t), cond)
+        assert torch.equal(model_field(m, path, y, 0.0)(x, t), uncond)
+    # whole trajectories: guidance 0 == unconditional sampling, 1 == purely conditional
+    a = generate(m, path, num=5, labels=y, guidance=0.0, steps=3)
+    b = generate(m, path, num=5, labels=null, guidance=1.0, steps=3)
+    assert torch.equal(a, b)
+    ts = samplers.time_grid(3)
+    direct = samplers.sample_heun(samplers.velocity_field(lambda x, t: m(x, t, y), path, "velocity"),
+                                  __import__("fmgen.generate", fromlist=["block_noise"]).block_noise(0, 0, 5, (1, 8, 8)), ts)  # fmt: skip
+    assert torch.allclose(
+        generate(m, path, num=5, labels=y, guidance=1.0, steps=3), direct.clamp(-1, 1), atol=1e-6
+    )
+
+
+def test_bad_checkpoint_and_labels_are_clear_errors(tiny_run, tmp_path):
+    r = run_sample("--checkpoint", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+    r = run_sample("--checkpoint", str(tiny_run.run_dir), "--labels", "3,12")
+    assert r.returncode == 2 and "12" in r.stderr and "Traceback" not in r.stderr
+    r = run_sample("--checkpoint", str(tiny_run.export_dir), "--weights", "raw")
+    assert r.returncode == 2 and "EMA" in r.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_split_samples_without_duplicates(tiny_run, tmp_path):
+    """Under 2 processes the samples equal one process's: distinct seeds, no duplicates."""
+    args = ["--checkpoint", str(tiny_run.run_dir), "--num-samples", "600", "--steps", "2", "--format", "npz",
+            "--device", "cpu"]  # fmt: skip
+    one = run_sample(*args, "--out-dir", str(tmp_path / "one"), "--out", str(tmp_path / "one.png"))
+    two = run_sample(
+        *args, "--out-dir", str(tmp_path / "two"), "--out", str(tmp_path / "two.png"), torchrun=True
+    )
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    a, b = (
+        np.load(tmp_path / "one" / "samples.npz")["images"],
+        np.load(tmp_path / "two" / "samples.npz")["images"],
+    )
+    assert a.shape == b.shape == (600, 8, 8, 1) and np.array_equal(a, b)
+    assert len({x.tobytes() for x in a}) == 600
