@@ -342,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             from fmgen.checkpoint import load_model
 
-            acc = Accelerator()
+            acc = Accelerator(cpu=not torch.cuda.is_available())  # joins torchrun's CPU processes
             loaded = load_model(
                 args.checkpoint, weights=args.weights, device=args.device or acc.device
             )

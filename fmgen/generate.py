@@ -230,7 +230,8 @@ def sample_command(args: Any) -> str:
 
     from fmgen.checkpoint import load_model
 
-    state = PartialState()
+    # CPU mode without CUDA, or torchrun's processes would each sample everything alone
+    state = PartialState(cpu=not torch.cuda.is_available())
     device = torch.device(args.device) if args.device else state.device
     loaded = load_model(args.checkpoint, weights=args.weights, device=device)
     model, cfg = loaded.model, loaded.config.sample

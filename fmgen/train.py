@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -136,12 +137,19 @@ def draw_noise(
 
 def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     """Train a model as the config says; returns where the results are."""
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    world, rank, main = (
-        accelerator.num_processes,
-        accelerator.process_index,
-        accelerator.is_main_process,
+    # Without CUDA, Accelerate joins torchrun's processes (gloo) only when asked for CPU mode;
+    # otherwise every process would train alone into the same run folder.
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available()
     )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:
+        raise TrainingError(
+            f"the launcher started {launched} processes but Accelerate sees {world}; on CPU "
+            f"launch with `accelerate launch --cpu` or set ACCELERATE_USE_CPU=true"
+        )
     accum = cfg.train.grad_accum
     if cfg.train.batch_size % (world * accum):
         raise ConfigError(

@@ -121,7 +121,10 @@ class StreamData:
 
 def read_all(folder: Path) -> tuple[Tensor, Tensor]:
     """Every sample of a shard folder, in shard order: (N, C, H, W) in [-1, 1], (N,)."""
-    loader = ShardLoader(folder, batch_size=1024, resampled=False, shuffle_buffer=0, seed=0)
+    # rank 0 of 1 explicitly: the default would take this process's share of a process group
+    loader = ShardLoader(
+        folder, batch_size=1024, rank=0, world_size=1, resampled=False, shuffle_buffer=0, seed=0
+    )
     xs, ys = zip(*loader, strict=True)
     return torch.cat(xs), torch.cat(ys)
 

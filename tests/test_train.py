@@ -205,11 +205,15 @@ def test_sigterm_checkpoints_and_resume_auto_finishes(shards, tmp_path):
 @pytest.mark.slow
 def test_two_ranks_match_one_rank(shards, tmp_path):
     """2 gloo ranks == 1 rank with the same global batch and samples; only rank 0 writes."""
+    # optim.eps=1e-4: Adam's g / sqrt(v) turns parameters whose true gradient is ~0 into +-lr
+    # steps whose sign is set by fp32 summation order (which differs between 1 and 2 ranks);
+    # a larger eps damps those and leaves real gradients (|g| >> 1e-4) unchanged.
     common = [
         *tiny(shards, tmp_path / "x", 4),
         "data.in_memory=true",
         "logging.wandb=true",
         "logging.mode=offline",
+        "optim.eps=1e-4",
     ]
     one = [*common, f"train.run_dir={tmp_path / 'one'}"]
     two = [*common, f"train.run_dir={tmp_path / 'two'}"]
@@ -230,10 +234,15 @@ def test_two_ranks_match_one_rank(shards, tmp_path):
     assert r2.returncode == 0, r2.stdout + r2.stderr
     assert "global batch 16 = 2 processes x 8 per process" in r2.stdout + r2.stderr
     (w1, e1), (w2, e2) = weights(latest(tmp_path / "one")), weights(latest(tmp_path / "two"))
-    for k in w1:
-        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), k
+    # Tolerance: the all-reduce sums fp32 gradients in another order and Adam's normalisation
+    # amplifies that to ~2e-5 after 4 steps; 1e-4 is 5% of one Adam update at lr 2e-3. A run
+    # that sees other samples or other noise differs by ~5e-3 (seen when each rank held half
+    # the data), 50x the tolerance.
+    tol = 1e-4
+    moved = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert moved < tol, f"1 vs 2 ranks differ by {moved:.2e}"
     for a, b in zip(e1, e2, strict=True):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+        assert (a - b).abs().max().item() < tol
     # only rank 0 wrote: one W&B run, one grid per cadence, checkpoint files once
     assert len(list((tmp_path / "two" / "wandb").glob("offline-run-*"))) == 1
     assert sorted(p.name for p in (tmp_path / "two" / "samples").iterdir()) == ["final.png"]
