@@ -22,9 +22,11 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from PIL import Image
 
@@ -86,17 +88,38 @@ def bare_batches(paths: list[Path], batch_size: int, members=tarfile_members):
                     imgs, labels = [], []
 
 
-def rate(batches, batch_size: int, seconds: float, warmup: int = 3) -> float:
-    """Images/s over ``seconds`` after ``warmup`` batches."""
+@dataclass
+class Rate:
+    images_per_s: float  # wall clock
+    cpu_us_per_image: float  # CPU time of this process and its children (the loader's workers)
+    cores: float  # CPU seconds per wall second: how much of the machine the setting got
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def rate(batches, seconds: float, warmup: int = 3) -> Rate:
+    """Throughput over ``seconds`` after ``warmup`` batches (worker start-up excluded)."""
     it = iter(batches)
     for _ in range(warmup):
         next(it)
-    n, t0 = 0, time.perf_counter()
+    proc = psutil.Process()
+    n, c0, t0 = 0, _cpu_seconds(proc), time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         x, y = next(it)[:2]
         assert x.dtype == torch.float32 and y.shape == (x.shape[0],)
         n += x.shape[0]
-    return n / (time.perf_counter() - t0)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds(proc) - c0
+    del it  # stops the workers
+    return Rate(n / wall, cpu / n * 1e6, cpu / wall)
 
 
 def main() -> None:
@@ -142,26 +165,31 @@ def main() -> None:
             settings[f"ShardLoader, {w} workers"] = lambda w=w: ShardLoader(
                 folder, args.batch_size, num_workers=w, seed=0, resampled=True
             )
-        best = dict.fromkeys(settings, 0.0)
-        for rep in range(args.repeats):
+        best: dict[str, Rate] = {}
+        for _ in range(args.repeats):
             for name, make in settings.items():
-                best[name] = max(best[name], rate(make(), args.batch_size, args.seconds))
-                if rep == args.repeats - 1:
-                    print(
-                        f"{name:30s}: {best[name]:8.0f} images/s (best of {args.repeats})",
-                        flush=True,
-                    )
+                r = rate(make(), args.seconds)
+                if name not in best or r.images_per_s > best[name].images_per_s:
+                    best[name] = r
+    print(
+        f"{'setting (best of ' + str(args.repeats) + ')':30s}  images/s  CPU us/image  cores used"
+    )
+    for name, r in best.items():
+        print(f"{name:30s}  {r.images_per_s:8.0f}  {r.cpu_us_per_image:12.1f}  {r.cores:10.2f}")
     bare, fast = best["bare tarfile+PIL loop"], best["bare loop, fmgen tar reader"]
-    results = {w: best[f"ShardLoader, {w} workers"] for w in workers}
-    for w in results:
-        r = results[w] / bare
-        target = f" (target >= 0.90: {'ok' if r >= 0.9 else 'MISSED'})" if w == 1 else ""
-        print(f"ratio loader@{w} / bare tarfile loop      : {r:.2f}{target}")
-        print(f"ratio loader@{w} / bare, same tar reader : {results[w] / fast:.2f}")
-    if 1 in results and 2 in results:
+    loader = {w: best[f"ShardLoader, {w} workers"] for w in workers}
+    print("ratios (wall clock images/s; in brackets per CPU: CPU time per image, inverted)")
+    for w, r in loader.items():
+        wall, cpu = r.images_per_s / bare.images_per_s, bare.cpu_us_per_image / r.cpu_us_per_image
+        target = f"  target >= 0.90: {'ok' if wall >= 0.9 else 'MISSED'}" if w == 1 else ""
+        print(f"  loader@{w} / bare tarfile loop       : {wall:5.2f} [{cpu:4.2f}]{target}")
+        wall, cpu = r.images_per_s / fast.images_per_s, fast.cpu_us_per_image / r.cpu_us_per_image
+        print(f"  loader@{w} / bare, same tar reader  : {wall:5.2f} [{cpu:4.2f}]")
+    if 1 in loader and 2 in loader:
+        s = loader[2].images_per_s / loader[1].images_per_s
         print(
-            f"scaling loader@2 / loader@1 workers     : {results[2] / results[1]:.2f} "
-            "(linear: 2.00)"
+            f"  scaling loader@2 / loader@1 workers : {s:5.2f} (linear: 2.00; the machine gave "
+            f"{loader[1].cores:.2f} and {loader[2].cores:.2f} cores)"
         )
 
 

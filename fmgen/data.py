@@ -11,6 +11,8 @@ prepare ...``). ``ShardLoader`` reads them on each rank; its workers run ``fmgen
 * Epoch mode (``resampled=False``): the shard list, permuted by (seed, e), is split explicitly,
   ``shards[rank::world_size][lane::L]`` (WebDataset's split_by_node then split_by_worker, with
   the rank given instead of read from torch.distributed): every sample is read once per epoch.
+  Ranks may get different numbers of batches, so this is for one-pass reading (evaluation,
+  ``read_all``), not for DDP training.
 * Resampled mode (the default, for step-based training): each lane draws shards with
   replacement, forever, in epochs of a fixed number of samples (its shuffle buffer drains at
   the end of each, so nothing read is wasted); batches may span epochs. No rank ever runs dry,
@@ -98,12 +100,12 @@ def _resolve_shards(source: str | Path, manifest: str | Path | None) -> tuple[Ma
             "the shard source is empty: pass a folder holding manifest.json (e.g. data/digits-16) "
             "or a brace pattern such as data/digits-16/train-{000000..000001}.tar"
         )
-    if Path(text).is_dir():
+    if Path(text).is_dir() or (text.endswith(".json") and Path(text).is_file()):
         m = read_manifest(manifest if manifest is not None else text)
         root = m.root or Path(text)
         selected = list(m.shards)
         if not selected:
-            raise DataError(f"{text}/{MANIFEST} lists no shards; prepare the shards again")
+            raise DataError(f"{root / MANIFEST} lists no shards; prepare the shards again")
     else:
         import braceexpand
 
@@ -149,8 +151,9 @@ class ShardLoader:
     """Batches of (images, labels[, keys]) from prepared shards, for one rank.
 
     Args:
-        source: a folder holding ``manifest.json``, or a brace pattern of some of its shards
-            (``data/d/train-{000000..000003}.tar``; the manifest beside them, or ``manifest``).
+        source: a folder holding ``manifest.json`` (or that file's path), or a brace pattern
+            of some of its shards (``data/d/train-{000000..000003}.tar``; the manifest beside
+            them, or ``manifest``).
         batch_size: per-process batch size B.
         rank, world_size: this process and the number of processes (default: from
             torch.distributed if initialized, else 0 and 1). Splitting is explicit: no
@@ -375,8 +378,9 @@ class ShardLoader:
                 self._skipped_live[it.lane] = it.skipped
                 self._next_lane = (it.lane + 1) % lanes
                 if it.kind == "batch":
-                    x, y = torch.from_numpy(it.images), torch.from_numpy(it.labels)  # type: ignore[arg-type]
-                    yield (x, y, it.keys) if spec.return_keys else (x, y)  # type: ignore[misc]
+                    x = torch.from_numpy(it.images).permute(0, 3, 1, 2).contiguous()  # type: ignore[arg-type]
+                    x, y = to_float(x), torch.from_numpy(it.labels)  # (B, C, H, W) in [-1, 1], (B,)
+                    yield (x, y, it.keys) if spec.return_keys else (x, y)
         finally:
             self._skipped_base += sum(self._skipped_live)
             self._skipped_live = [0] * lanes

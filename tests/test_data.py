@@ -288,6 +288,11 @@ def test_clear_errors_at_start_up(d8, tmp_path):
         ShardLoader(str(d8 / "train-{000010..000099}.tar"), 8)
     sub = ShardLoader(str(d8 / "train-{000000..000001}.tar"), 8, resampled=False)
     assert sub.num_samples == 300
+    assert ShardLoader(d8 / "manifest.json", 8).num_samples == N_DIGITS
+    empty = copy_shards(d8, tmp_path / "empty")
+    edit_manifest(empty, lambda m: m.update(shards=[]))
+    with pytest.raises(DataError, match="lists no shards"):
+        ShardLoader(empty, 8)
     missing = copy_shards(d8, tmp_path / "missing")
     (missing / "train-000004.tar").unlink()
     with pytest.raises(DataError, match=r"missing, e\.g\. .*train-000004\.tar.*--overwrite"):

@@ -1,0 +1,460 @@
+"""Data sets in, shards out: scikit-learn digits, image folders and ``datasets`` data sets.
+
+``prepare`` (also ``python -m fmgen.data prepare ...``) reads a source, takes one part of a
+deterministic train/test split, fits every image to the target size and writes shards with
+``fmgen.shards.write_shards``.
+
+Images are fitted by resizing the shorter side to the resolution with PIL's bicubic filter
+(antialiased when shrinking) and center-cropping. scikit-learn's 8x8 digits (values 0..16,
+scaled to 0..255 with rounding) are upscaled with the same bicubic filter. The held-out split
+is a seeded permutation of source indices: ``--split test`` takes the first ``round(f * N)``
+of it and ``--split train`` the rest, so the two are disjoint and together the whole source.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from fmgen.shards import IMAGE_FORMATS, MANIFEST, DataError, Example, Manifest, write_shards
+
+log = logging.getLogger("fmgen.data")
+
+RESAMPLE = Image.Resampling.BICUBIC
+SOURCES = ("digits", "folder", "hf")
+SPLITS = ("train", "test")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def fit_image(img: Image.Image, resolution: int, channels: int) -> Image.Image:
+    """Mode L (channels 1) or RGB (3); shorter side resized to ``resolution`` (bicubic), then
+    center-cropped to ``resolution`` x ``resolution``."""
+    mode = "L" if channels == 1 else "RGB"
+    if img.mode != mode:
+        img = img.convert(mode)
+    w, h = img.size
+    if (w, h) != (resolution, resolution):
+        s = resolution / min(w, h)
+        nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), RESAMPLE)
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
+    return img
+
+
+def _digits_u8() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8), 0..16 -> 0..255
+    return images, d.target.astype(np.int64)
+
+
+def digits_images(resolution: int = 8, channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits exactly as ``prepare("digits", ...)`` stores them.
+
+    Returns:
+        images: uint8 (N, R, R) for channels 1 or (N, R, R, 3) for channels 3; N = 1797.
+        labels: int64 (N,) in 0..9.
+    """
+    u8, labels = _digits_u8()
+    images = np.stack([np.asarray(fit_image(Image.fromarray(a), resolution, channels)) for a in u8])
+    return images, labels
+
+
+# --------------------------------------------------------------------------------------------
+# Sources: an indexable view of every data set the writer accepts
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """A data set as the writer sees it: ``n`` samples, all labels up front, images on demand."""
+
+    kind: str
+    labels: np.ndarray  # (n,) int64
+    class_names: list[str]
+    image: Callable[[int], Image.Image]  # the i-th image, any size and mode
+    origin: Callable[[int], str]  # a human-readable pointer to the i-th sample
+    info: dict[str, Any]
+    native_resolution: int | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+
+def digits_source() -> Source:
+    u8, labels = _digits_u8()
+    return Source(
+        "digits",
+        labels,
+        [str(i) for i in range(10)],
+        lambda i: Image.fromarray(u8[i]),
+        lambda i: f"sklearn.datasets.load_digits[{i}]",
+        {"kind": "digits"},
+        8,
+    )
+
+
+def folder_source(path: str | Path) -> Source:
+    """ImageFolder layout: ``path/<class>/**/<image>``; classes are the sorted sub-folder names."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist; pass an existing --source-path")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files: list[Path] = []
+    labels: list[int] = []
+    for k, c in enumerate(classes):
+        found = sorted(
+            p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        )
+        files += found
+        labels += [k] * len(found)
+    if not files:
+        raise DataError(
+            f"no images in class sub-folders of {root}: expected {root}/<class name>/<image>.png "
+            f"(suffixes {sorted(IMAGE_SUFFIXES)})"
+        )
+
+    def image(i: int) -> Image.Image:
+        with Image.open(files[i]) as im:
+            im.load()
+            return im
+
+    return Source(
+        "folder",
+        np.asarray(labels, dtype=np.int64),
+        classes,
+        image,
+        lambda i: str(files[i].relative_to(root)),
+        {"kind": "folder", "path": str(root)},
+    )
+
+
+def hf_source(
+    name_or_path: str,
+    *,
+    image_column: str = "image",
+    label_column: str | None = None,
+    hf_split: str = "train",
+) -> Source:
+    """A Hugging Face ``datasets`` data set: a ``save_to_disk`` folder or a named data set.
+
+    Labels come from ``label_column`` (a ClassLabel keeps its names; other values are mapped
+    to 0..K-1 in sorted order, non-negative integers keep their value); without one, every
+    sample gets class 0 ("all").
+    """
+    import datasets
+
+    path = Path(name_or_path)
+    try:
+        if path.is_dir() and (
+            (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+        ):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if hf_split not in ds:
+                    raise DataError(
+                        f"{path} holds splits {list(ds)}, not {hf_split!r}; pass --hf-split"
+                    )
+                ds = ds[hf_split]
+        else:
+            ds = datasets.load_dataset(name_or_path, split=hf_split)
+    except DataError:
+        raise
+    except Exception as e:  # the hub client raises many types; the user needs the message
+        raise DataError(
+            f"could not load the data set {name_or_path!r} (split {hf_split!r}): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    for col in (image_column, label_column):
+        if col is not None and col not in ds.column_names:
+            raise DataError(
+                f"column {col!r} is not in the data set {name_or_path!r} (columns: "
+                f"{ds.column_names}); pass --image-column / --label-column"
+            )
+    if label_column is None:
+        labels, names = np.zeros(len(ds), dtype=np.int64), ["all"]
+    else:
+        feature = ds.features[label_column]
+        raw = list(ds[label_column])
+        if isinstance(feature, datasets.ClassLabel):
+            labels, names = np.asarray(raw, dtype=np.int64), list(feature.names)
+        elif all(isinstance(v, (int, np.integer)) for v in raw) and min(raw) >= 0:
+            labels, names = np.asarray(raw, dtype=np.int64), [str(i) for i in range(max(raw) + 1)]
+        else:
+            values = sorted(set(raw), key=str)
+            index = {v: k for k, v in enumerate(values)}
+            labels, names = np.asarray([index[v] for v in raw], np.int64), [str(v) for v in values]
+    column = ds.select_columns([image_column])
+
+    def image(i: int) -> Image.Image:
+        v = column[i][image_column]
+        if isinstance(v, Image.Image):
+            return v
+        if isinstance(v, dict) and v.get("bytes") is not None:
+            return Image.open(io.BytesIO(v["bytes"]))
+        if isinstance(v, dict) and v.get("path"):
+            return Image.open(v["path"])
+        return Image.fromarray(np.asarray(v).astype(np.uint8))
+
+    info = {
+        "kind": "hf",
+        "path": name_or_path,
+        "hf_split": hf_split,
+        "image_column": image_column,
+        "label_column": label_column,
+    }
+    return Source("hf", labels, names, image, lambda i: f"{name_or_path}[{hf_split}][{i}]", info)
+
+
+def open_source(kind: str, source_path: str | Path | None = None, **hf_options: Any) -> Source:
+    if kind == "digits":
+        return digits_source()
+    if kind not in SOURCES:
+        raise DataError(f"source {kind!r} is not one of {SOURCES}")
+    if not source_path:
+        raise DataError(f"source {kind!r} needs a source path (--source-path)")
+    if kind == "folder":
+        return folder_source(source_path)
+    return hf_source(str(source_path), **hf_options)
+
+
+def split_indices(n: int, split: str, holdout_fraction: float, seed: int) -> np.ndarray:
+    """Sorted source indices of ``split``: "test" = the first round(f*n) of a seeded permutation."""
+    if split not in SPLITS:
+        raise DataError(f"split {split!r} is not one of {SPLITS}")
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise DataError(f"holdout fraction must be in [0, 1), got {holdout_fraction}")
+    if split == "test" and holdout_fraction == 0.0:
+        raise DataError("split 'test' needs a holdout fraction > 0 (e.g. --holdout-fraction 0.1)")
+    perm = np.random.default_rng(seed).permutation(n)
+    k = int(round(n * holdout_fraction))
+    return np.sort(perm[:k] if split == "test" else perm[k:])
+
+
+# --------------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------------
+
+
+def prepare(
+    source: str,
+    out_dir: str | Path,
+    *,
+    resolution: int | None = None,
+    channels: int | None = None,
+    source_path: str | Path | None = None,
+    image_column: str = "image",
+    label_column: str | None = None,
+    hf_split: str = "train",
+    split: str = "train",
+    holdout_fraction: float = 0.0,
+    seed: int = 0,
+    fmt: str = "png",
+    quality: int = 95,
+    samples_per_shard: int = 1000,
+    max_shard_bytes: int = 1 << 30,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Write one split of a source as WebDataset shards plus ``manifest.json`` in ``out_dir``.
+
+    Args:
+        source: "digits" (scikit-learn, bundled), "folder" (ImageFolder layout) or "hf"
+            (a ``save_to_disk`` folder or a named ``datasets`` data set).
+        resolution: output size R (images R x R); default: 8 for digits, else the shorter side
+            of the first image.
+        channels: 1 (mode L) or 3 (RGB); default 1 for digits, else 3.
+        source_path: the image folder, ``save_to_disk`` folder or data set name.
+        image_column, label_column, hf_split: for "hf" (``label_column`` None: one class).
+        split, holdout_fraction, seed: which part of a deterministic train/test split to write
+            (``holdout_fraction`` 0 writes everything as "train").
+        fmt: image encoding, "png" or "jpg" (JPEG ``quality``, 1..95).
+        samples_per_shard, max_shard_bytes: a shard is closed at whichever comes first.
+
+    Returns:
+        The manifest that was written.
+    """
+    from tqdm.auto import tqdm
+
+    src = open_source(
+        source, source_path, image_column=image_column, label_column=label_column, hf_split=hf_split
+    )
+    if channels is None:
+        channels = 1 if source == "digits" else 3
+    if channels not in (1, 3):
+        raise DataError(f"channels must be 1 or 3, got {channels}")
+    if resolution is None:
+        resolution = src.native_resolution or min(src.image(0).size)
+    if resolution < 1:
+        raise DataError(f"resolution must be positive, got {resolution}")
+    indices = split_indices(src.n, split, holdout_fraction, seed)
+    log.info(
+        "preparing %d of %d %s samples (%s split) at %dx%dx%d in %s",
+        len(indices),
+        src.n,
+        source,
+        split,
+        resolution,
+        resolution,
+        channels,
+        out_dir,
+    )
+
+    def examples() -> Iterator[Example]:
+        bar = tqdm(
+            indices,
+            desc=f"prepare {source}",
+            unit="img",
+            disable=not progress or len(indices) < 5000,
+        )
+        for i in bar:
+            img = fit_image(src.image(int(i)), resolution, channels)
+            yield Example(img, int(src.labels[i]), int(i), src.origin(int(i)))
+
+    split_info = {
+        "name": split,
+        "holdout_fraction": holdout_fraction,
+        "seed": seed,
+        "source_samples": src.n,
+    }
+    return write_shards(
+        examples(),
+        out_dir,
+        class_names=src.class_names,
+        resolution=resolution,
+        channels=channels,
+        split=split_info,
+        source=src.info,
+        image_format=fmt,
+        jpeg_quality=quality,
+        samples_per_shard=samples_per_shard,
+        max_shard_bytes=max_shard_bytes,
+        prefix=split,
+        overwrite=overwrite,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: python -m fmgen.data prepare ... (fmgen prepare ...)
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_parser() -> Any:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m fmgen.data prepare",
+        description="Write a data set as WebDataset tar shards (image, cls, json per sample) plus "
+        "manifest.json, the input of training. No download for --source digits.",
+        epilog="Example: python -m fmgen.data prepare --source hf --source-path "
+        "/data/cifar10-hf --image-column img --label-column label --resolution 32 --channels 3 "
+        "--out data/cifar10-32",
+    )
+    p.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="digits",
+        help="digits: scikit-learn's 1797 8x8 digits (bundled); folder: "
+        "SOURCE_PATH/<class>/<image> folders; hf: a datasets save_to_disk folder or a data "
+        "set name (default: digits)",
+    )
+    p.add_argument(
+        "--source-path", default=None, help="image folder, save_to_disk folder or data set name"
+    )
+    p.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="output size R: shorter side resized (bicubic), center-cropped to RxR "
+        "(default: 8 for digits, else the first image's shorter side)",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=None,
+        help="1 (grayscale, mode L) or 3 (RGB); default 1 for digits, else 3",
+    )
+    p.add_argument("--image-column", default="image", help="hf: the image column (default: image)")
+    p.add_argument(
+        "--label-column", default=None, help="hf: the label column (default: none, one class)"
+    )
+    p.add_argument(
+        "--hf-split", default="train", help="hf: the data set's split to read (default: train)"
+    )
+    p.add_argument(
+        "--format", choices=IMAGE_FORMATS, default="png", help="image encoding (default: png)"
+    )
+    p.add_argument("--jpeg-quality", type=int, default=95, help="for --format jpg (default: 95)")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="default: 1000")
+    p.add_argument("--max-shard-mb", type=float, default=1024.0, help="default: 1024")
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="train",
+        help="which part of a seeded train/test split to write (default: train)",
+    )
+    p.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of the source held out as 'test' (default: 0, all is train)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fmgen.data prepare ...`` (also ``fmgen prepare ...``); prints a summary."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "prepare":
+        argv = argv[1:]
+    args = prepare_parser().parse_args(argv)
+    from fmgen.cli import run_guarded, setup_logging
+
+    setup_logging()
+
+    def go() -> int:
+        m = prepare(
+            args.source,
+            args.out,
+            resolution=args.resolution,
+            channels=args.channels,
+            source_path=args.source_path,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            hf_split=args.hf_split,
+            split=args.split,
+            holdout_fraction=args.holdout_fraction,
+            seed=args.seed,
+            fmt=args.format,
+            quality=args.jpeg_quality,
+            samples_per_shard=args.samples_per_shard,
+            max_shard_bytes=int(args.max_shard_mb * 2**20),
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+        print(
+            f"wrote {m.num_samples} samples ({m.num_classes} classes, "
+            f"{m.resolution}x{m.resolution}x{m.channels} {m.image_format}, "
+            f"{m.split.get('name')} split) to {m.root}: {m.pattern} ({len(m.shards)} shards) "
+            f"+ {MANIFEST}"
+        )
+        return 0
+
+    return run_guarded(go)
