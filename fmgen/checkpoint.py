@@ -110,6 +110,23 @@ class LoadedModel:
     source: str
 
 
+def _resolve_run_paths(cfg: Config, run_folder: Path) -> Config:
+    """Make a loaded config's relative paths work from any working directory.
+
+    The config holds paths relative to where training ran (``runs/digits``, ``data/...``).
+    The run folder's location gives that directory back: strip the relative run_dir from it.
+    """
+    run_folder = run_folder.resolve()
+    rel = Path(cfg.train.run_dir)
+    if not rel.is_absolute() and run_folder.parts[-len(rel.parts) :] == rel.parts:
+        root = Path(*run_folder.parts[: -len(rel.parts)])
+        data = Path(cfg.data.path)
+        if not data.is_absolute() and not data.exists() and (root / data).exists():
+            cfg.data.path = str(root / data)
+    cfg.train.run_dir = str(run_folder)
+    return cfg
+
+
 def make_path(cfg: Config) -> GaussianPath:
     if cfg.path.name == "vp-linear":
         return get_path("vp-linear", b0=cfg.path.b0, b1=cfg.path.b1)
@@ -160,7 +177,7 @@ def load_model(
         meta = json.loads((src / "fmgen.json").read_text())
         from diffusers import UNet2DModel
 
-        cfg = config_from_dict(meta["config"])
+        cfg = _resolve_run_paths(config_from_dict(meta["config"]), src.parent)
         unet = UNet2DModel.from_pretrained(src / "unet")
         model = FlowModel(unet, meta["prediction_type"], meta["num_classes"])
         return LoadedModel(
@@ -182,7 +199,7 @@ def load_model(
         )
     extra = torch.load(ckpt / EXTRA_FILE, map_location="cpu", weights_only=False)
     try:
-        cfg = config_from_dict(extra["config"])
+        cfg = _resolve_run_paths(config_from_dict(extra["config"]), ckpt.parent.parent)
     except ConfigError as e:
         raise CheckpointError(
             f"{ckpt}: its saved config does not load with this fmgen ({e})"
