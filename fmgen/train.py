@@ -11,6 +11,7 @@ Invariants that make a config mean the same on 1 or 64 processes:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -406,6 +407,10 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
             from fmgen.quality import digits_quality_report
 
             quality = digits_quality_report(final, path, cfg, device=device)
+            (run_dir / "eval").mkdir(exist_ok=True)
+            (run_dir / "eval" / "quality.json").write_text(
+                json.dumps({**quality, "step": state.step}, indent=2)
+            )
             tracker.log(
                 {f"quality/{k}": v for k, v in quality.items() if isinstance(v, (int, float))},
                 step=state.step,
@@ -473,7 +478,6 @@ def _save_checkpoint(
     ckpt_root: Path,
 ) -> Path:
     """Write into a hidden folder, then rename and move ``latest``: never a half-written latest."""
-    import json
     import shutil
 
     name = checkpoint_name(state.step)

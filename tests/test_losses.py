@@ -28,14 +28,7 @@ from fmgen.paths import PREDICTION_TYPES, get_path
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: with several OpenMP threads on a shared CPU, thread wake-up
-    costs ~40x the work (8 ms vs 0.2 ms per oracle call measured on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 DATA = torch.tensor([[1.0, 0.5], [-1.0, 0.8], [0.2, -1.2], [1.5, -0.7]], dtype=F64)  # K=4, D=2

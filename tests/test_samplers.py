@@ -29,14 +29,7 @@ from fmgen.samplers import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: with several OpenMP threads on a shared CPU, thread wake-up
-    costs ~40x the work (8 ms vs 0.2 ms per oracle call measured on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 PATHS = ["linear", "vp-cosine", "vp-linear"]
