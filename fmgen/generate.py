@@ -236,7 +236,7 @@ def sample_command(args: Any) -> str:
     loaded = load_model(args.checkpoint, weights=args.weights, device=device)
     model, cfg = loaded.model, loaded.config.sample
     sampler = args.sampler or cfg.sampler
-    steps = args.steps or cfg.steps
+    steps = cfg.steps if args.steps is None else args.steps  # 0 is an error, not 'default'
     guidance = cfg.guidance if args.guidance is None else args.guidance
     if steps <= 0 or guidance < 0:
         raise SampleError(f"--steps must be > 0 and --guidance >= 0; got {steps} and {guidance}")

@@ -123,6 +123,8 @@ def test_bad_checkpoint_and_labels_are_clear_errors(tiny_run, tmp_path):
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
     r = run_sample("--checkpoint", str(tiny_run.run_dir), "--labels", "3,12")
     assert r.returncode == 2 and "12" in r.stderr and "Traceback" not in r.stderr
+    r = run_sample("--checkpoint", str(tiny_run.run_dir), "--steps", "0")
+    assert r.returncode == 2 and "--steps" in r.stderr
     r = run_sample("--checkpoint", str(tiny_run.export_dir), "--weights", "raw")
     assert r.returncode == 2 and "EMA" in r.stderr
 
