@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fmgen.config import Config, ConfigError, config_from_dict
+from fmgen.config import Config, ConfigError, config_from_dict, to_dict
 from fmgen.errors import FmgenError
 from fmgen.models import FlowModel, build_unet
 from fmgen.paths import GaussianPath, get_path
@@ -150,15 +150,9 @@ def export_model(
         "channels": cfg.data.channels,
         "time_convention": "t=0 noise, t=1 data; the U-Net receives 1000*t",
         "step": step,
-        "config": _config_dict(cfg),
+        "config": to_dict(cfg),
     }
     write_atomic(out_dir / "fmgen.json", json.dumps(meta, indent=2))
-
-
-def _config_dict(cfg: Config) -> dict[str, Any]:
-    from fmgen.config import to_dict
-
-    return to_dict(cfg)
 
 
 def load_model(

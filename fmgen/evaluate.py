@@ -69,11 +69,10 @@ def feature_spec(
 ) -> FeatureSpec:
     """Build the feature network named in the config."""
     if name == "digits-classifier":
-        from fmgen.quality import FeatureNet, train_digits_classifier
+        from fmgen.quality import train_digits_classifier
 
-        clf = train_digits_classifier(resolution, channels, cache_dir=cache_dir)
-        return FeatureSpec(
-            name, FeatureNet(clf.model), clf.weights_hash, "none (native resolution)", channels
+        return digits_spec(
+            train_digits_classifier(resolution, channels, cache_dir=cache_dir), channels
         )
     if name == "inception":
         weights = (
@@ -83,6 +82,19 @@ def feature_spec(
         )
         return FeatureSpec(name, 2048, weights, "bilinear to 299x299, antialias=False", 3)
     raise EvalError(f"unknown feature network {name!r}; valid: {', '.join(FEATURE_NETWORKS)}")
+
+
+def digits_spec(clf: Any, channels: int) -> FeatureSpec:
+    """The FID feature spec of a trained digits classifier (``quality.TrainedClassifier``)."""
+    from fmgen.quality import FeatureNet
+
+    return FeatureSpec(
+        "digits-classifier",
+        FeatureNet(clf.model),
+        clf.weights_hash,
+        "none (native resolution)",
+        channels,
+    )
 
 
 def make_metric(spec: FeatureSpec, inception_weights: str = "") -> FrechetInceptionDistance:
@@ -109,6 +121,18 @@ def prepare_images(images: Tensor, spec: FeatureSpec) -> Tensor:
     if u8.shape[1] == 1 and spec.channels == 3:
         u8 = u8.repeat(1, 3, 1, 1)
     return u8
+
+
+def _update(
+    metric: FrechetInceptionDistance,
+    images: Tensor,
+    spec: FeatureSpec,
+    *,
+    real: bool,
+    batch: int = 500,
+) -> None:
+    for i in range(0, len(images), batch):
+        metric.update(prepare_images(images[i : i + batch], spec), real=real)
 
 
 _STATS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
@@ -143,8 +167,7 @@ def load_reference(
             setattr(metric, k, saved[k].to(getattr(metric, k).device))
     else:
         images, _ = read_all(data_dir)
-        for i in range(0, len(images), batch):
-            metric.update(prepare_images(images[i : i + batch], spec), real=True)
+        _update(metric, images, spec, real=True, batch=batch)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
         torch.save({k: getattr(metric, k).detach().cpu() for k in _STATS}, tmp)
@@ -172,21 +195,29 @@ def fid_against_reference(
     """FID of images (N, C, H, W) against the cached statistics of all real images."""
     metric = make_metric(spec, inception_weights)
     ref = load_reference(metric, data_dir, spec, batch=batch)
-    for i in range(0, len(fake), batch):
-        metric.update(prepare_images(fake[i : i + batch], spec), real=False)
+    _update(metric, fake, spec, real=False, batch=batch)
     return float(metric.compute()), ref
+
+
+def fids_against(
+    real: Tensor, fakes: dict[str, Tensor], spec: FeatureSpec, inception_weights: str = ""
+) -> dict[str, float]:
+    """FID of each fake set against one real set (no cache), the real features computed once."""
+    metric = make_metric(spec, inception_weights)
+    _update(metric, real, spec, real=True)
+    out = {}
+    for name, fake in fakes.items():
+        metric.reset()  # clears the fake statistics only (reset_real_features=False)
+        _update(metric, fake, spec, real=False)
+        out[name] = float(metric.compute())
+    return out
 
 
 def fid_between(
     real: Tensor, fake: Tensor, spec: FeatureSpec, inception_weights: str = ""
 ) -> float:
     """FID between two image sets (no cache): e.g. a held-out split against the training split."""
-    metric = make_metric(spec, inception_weights)
-    for i in range(0, len(real), 500):
-        metric.update(prepare_images(real[i : i + 500], spec), real=True)
-    for i in range(0, len(fake), 500):
-        metric.update(prepare_images(fake[i : i + 500], spec), real=False)
-    return float(metric.compute())
+    return fids_against(real, {"fake": fake}, spec, inception_weights)["fake"]
 
 
 def write_record(record: dict[str, Any], out: Path) -> Path:

@@ -198,21 +198,20 @@ def digits_quality_report(
     }
     # FID with this classifier's features: samples vs the training split, next to the floor
     # (a held-out real split vs the training split), with the same number of images on both.
-    from fmgen.evaluate import FeatureSpec, fid_between
+    from fmgen.evaluate import digits_spec, fids_against
 
     x, _ = real_digits(cfg.data.resolution, cfg.data.channels)
     tr, te = split_indices(len(x), 0.2, 0)
-    spec = FeatureSpec(
-        "digits-classifier", FeatureNet(clf.model), clf.weights_hash, "none", cfg.data.channels
-    )
     n = min(len(te), len(guided))
-    report["fid_guided_vs_train"] = fid_between(
+    pick = torch.randperm(len(guided), generator=torch.Generator().manual_seed(0))[:n]
+    fids = fids_against(
         x[tr],
-        guided[torch.randperm(len(guided), generator=torch.Generator().manual_seed(0))[:n]],
-        spec,
+        {"guided": guided[pick], "unconditional": uncond[:n], "heldout": x[te][:n]},
+        digits_spec(clf, cfg.data.channels),
     )
-    report["fid_unconditional_vs_train"] = fid_between(x[tr], uncond[:n], spec)
-    report["fid_heldout_vs_train"] = fid_between(x[tr], x[te][:n], spec)
+    report["fid_guided_vs_train"] = fids["guided"]
+    report["fid_unconditional_vs_train"] = fids["unconditional"]
+    report["fid_heldout_vs_train"] = fids["heldout"]
     report["fid_samples"] = n
     report["passed"] = bool(
         report["classifier_heldout_accuracy"] >= 0.95

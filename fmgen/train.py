@@ -11,6 +11,8 @@ Invariants that make a config mean the same on 1 or 64 processes:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import math
@@ -90,9 +92,13 @@ class _StopFlag:
         return old
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is true on any rank (one explicit all-reduce)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return flag
     t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -106,8 +112,6 @@ def ema_decay(cfg: Config) -> float:
 
 def ema_model_copy(model: FlowModel, ema: EMAModel) -> FlowModel:
     """A separate FlowModel holding the EMA weights (the training weights stay untouched)."""
-    import copy
-
     out = copy.deepcopy(model)
     ema.copy_to(out.parameters())
     return out.eval()
@@ -282,7 +286,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
                     bad = True  # every rank skips together, so DDP stays in step
                     break
                 last = micro == accum - 1
-                with accelerator.no_sync(net) if not last else _nullcontext():
+                with accelerator.no_sync(net) if not last else contextlib.nullcontext():
                     accelerator.backward(loss / accum)
                 step_loss += loss.item() / accum
             grad_norm = float("nan")
@@ -391,10 +395,6 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
 
     # --- the end: export, a sample grid, the quality report ---
     export_dir = grid_path = quality = None
-    if state.step == total_steps and last_ckpt is None:
-        last_ckpt = _save_checkpoint(
-            accelerator, cfg, state, ema, gen, data, class_names, ckpt_root
-        )
     if main:
         final = ema_model_copy(model, ema)
         export_dir = run_dir / "export"
@@ -424,16 +424,8 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     )  # fmt: skip
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 def _mean_over_ranks(value: float, device: torch.device) -> float:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return value
     t = torch.tensor([value], device=device, dtype=torch.float64)
     dist.all_reduce(t)
