@@ -8,6 +8,7 @@ on 1 or 64 GPUs; ``train.batch_size`` is the GLOBAL batch.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -21,6 +22,30 @@ from fmgen.errors import FmgenError
 
 class ConfigError(FmgenError, ValueError):
     """A bad configuration key or value; the message names the key and the fix."""
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with the 1.2 booleans only (true/false).
+
+    PyYAML follows YAML 1.1, where yes/no/on/off are booleans too, so ``mixed_precision: no``
+    and the override ``train.mixed_precision=no`` would arrive as False, not the string "no".
+    A boolean option still accepts yes/no/on/off as words (see ``_coerce``).
+    """
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_BOOL_WORDS = {"yes": True, "on": True, "no": False, "off": False, "true": True, "false": False}
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -182,6 +207,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -250,7 +277,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {text!r} has no key before '='")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: cannot parse the value ({e})") from None
     return key, value
@@ -265,7 +292,7 @@ def load_config(
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found; presets live in configs/")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = _load_yaml(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
         tree = loaded

@@ -102,3 +102,21 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     )
     err = capsys.readouterr().err
     assert err.startswith("error:") and "train.bach_size" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("word", ["no", "bf16", "fp16"])
+def test_mixed_precision_words_stay_strings(word, tmp_path):
+    """`no` is a documented value: YAML 1.1 would read it as False, on the command line and in files."""
+    cfg = load_config(ROOT / "configs/cifar10.yaml", [f"train.mixed_precision={word}"])
+    assert cfg.train.mixed_precision == word
+    f = tmp_path / "c.yaml"
+    f.write_text(f"train:\n  mixed_precision: {word}\n")
+    assert load_config(f).train.mixed_precision == word
+    assert config_from_dict(to_dict(load_config(f))).train.mixed_precision == word
+
+
+@pytest.mark.parametrize(
+    ("word", "value"), [("true", True), ("off", False), ("Yes", True), ("false", False)]
+)
+def test_boolean_options_take_true_false_and_yes_no_words(word, value):
+    assert load_config(None, [f"logging.wandb={word}"]).logging.wandb is value
