@@ -123,6 +123,7 @@ class TrainConfig:
     log_every_steps: int = 20
     sample_every_images: int = 0  # 0: only at the end
     compile: bool = False
+    compile_check: bool = True  # compare compiled and eager gradients once before training
     max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
     channels_last: bool = False
     deterministic: bool = False  # torch.use_deterministic_algorithms for bit-exact tests

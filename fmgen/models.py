@@ -7,6 +7,8 @@ label used for classifier-free guidance.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from diffusers import UNet2DModel
 from torch import Tensor, nn
@@ -88,3 +90,16 @@ def drop_labels(y: Tensor, drop: Tensor, null_label: int) -> Tensor:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def flat_gradient(params: list[nn.Parameter], loss: Callable[[], Tensor]) -> Tensor:
+    """The gradient of ``loss()`` over ``params`` as one float64 vector; ``.grad`` left cleared."""
+    for p in params:
+        p.grad = None
+    loss().backward()
+    flat = torch.cat(
+        [(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params]
+    )
+    for p in params:
+        p.grad = None
+    return flat.double()

@@ -118,7 +118,9 @@ def test_nonfinite_streak_stops_with_clear_message(shards, tmp_path, monkeypatch
         "get_loss",
         lambda name: lambda net, z, path, **kw: torch.full((z.shape[0],), float("inf")),
     )
-    with pytest.raises(tr.TrainingError, match=r"3 non-finite losses in a row"):
+    with pytest.raises(
+        tr.TrainingError, match=r"3 steps in a row with a non-finite loss or gradient"
+    ):
         run_train(tiny(shards, tmp_path / "inf", 10, "train.max_nonfinite_steps=3"))
 
 
