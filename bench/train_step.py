@@ -7,6 +7,7 @@ loss, nothing else. Both report steady-state images/s (start-up excluded). Targe
 
     python bench/train_step.py                     # digits preset on this machine
     python bench/train_step.py --preset cifar10    # on a CUDA machine: bf16, images/s, peak memory
+    python bench/train_step.py --preset cifar10 train.compile=true   # any config override
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def synthetic_shards(out: Path, resolution: int, channels: int, n: int) -> Path:
     """Random images as an image folder turned into shards (throughput only, no download)."""
-    from fmgen.data import prepare
     from PIL import Image
+
+    from fmgen.data import prepare
 
     src = out / "images"
     rng = np.random.default_rng(0)
@@ -53,6 +55,9 @@ def bare_loop(
         build_unet(cfg.model, resolution=cfg.data.resolution, channels=cfg.data.channels, num_classes=10),
         "velocity", 10,
     ).to(device)  # fmt: skip
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    net = torch.compile(model) if cfg.train.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=cfg.optim.fused or None)
     images, labels = images.to(device), labels.to(device)
     b = cfg.train.batch_size
@@ -64,12 +69,12 @@ def bare_loop(
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         idx = torch.randint(0, len(images), (b,), device=device)
-        z, y = images[idx], labels[idx]
+        z, y = images[idx].contiguous(memory_format=memory_format), labels[idx]
         t = torch.rand(b, device=device)
         eps = torch.randn_like(z)
         x = t.view(-1, 1, 1, 1) * z + (1 - t.view(-1, 1, 1, 1)) * eps
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = (model(x, t, y).float() - (z - eps)).pow(2).mean()
+            loss = (net(x, t, y).float() - (z - eps)).pow(2).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
@@ -89,6 +94,12 @@ def main() -> None:
     )
     p.add_argument("--batch", type=int, default=None, help="override train.batch_size")
     p.add_argument("--workers", type=int, default=None, help="override data.num_workers")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides for both loops, e.g. train.compile=true train.mixed_precision=fp16",
+    )
     args = p.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -114,7 +125,7 @@ def main() -> None:
             over.append(f"train.batch_size={args.batch}")
         if args.workers is not None:
             over.append(f"data.num_workers={args.workers}")
-        cfg = load_config(ROOT / "configs" / f"{args.preset}.yaml", over)
+        cfg = load_config(ROOT / "configs" / f"{args.preset}.yaml", [*over, *args.overrides])
         warm = 5
         total = args.steps + warm
         cfg.train.total_images = total * cfg.train.batch_size
@@ -126,7 +137,8 @@ def main() -> None:
         bare = bare_loop(cfg, images, labels, args.steps, warm, device)
     pipe = result.images_per_s
     print(f"\npreset {args.preset}, device {device}, global batch {cfg.train.batch_size}, "
-          f"precision {cfg.train.mixed_precision}, {args.steps} measured steps, torch threads {torch.get_num_threads()}")  # fmt: skip
+          f"precision {cfg.train.mixed_precision}, compile {cfg.train.compile}, channels_last {cfg.train.channels_last}, "
+          f"{args.steps} measured steps, torch threads {torch.get_num_threads()}")  # fmt: skip
     print(f"{'loop':<32}{'images/s':>12}")
     print(f"{'bare PyTorch (in-memory data)':<32}{bare:>12.1f}")
     print(f"{'fmgen pipeline (loader+EMA+log)':<32}{pipe:>12.1f}")
