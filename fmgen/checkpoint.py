@@ -64,6 +64,67 @@ def publish_checkpoint(tmp_dir: Path, final_dir: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def loader_file(ckpt: Path, rank: int) -> Path:
+    """The data stream position of one rank inside a checkpoint."""
+    return ckpt / f"fmgen_loader_{rank}.pt"
+
+
+def save_checkpoint(
+    accelerator: Any, final: Path, *, extra: dict[str, Any], loader_state: Any, keep: int
+) -> Path:
+    """Write a checkpoint on every rank into a hidden folder, then rename it and move ``latest``.
+
+    ``accelerator`` is the run's Accelerator: every rank saves its RNG state, the main process
+    the model, optimizer and scaler. ``extra`` (EMA, generator, train state, config, class
+    names) is written by the main process; every rank writes its ``loader_state``.
+    """
+    tmp = final.parent / f".tmp-{final.name}"
+    main = accelerator.is_main_process
+    if main and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    torch.save(loader_state, loader_file(tmp, accelerator.process_index))
+    if main:
+        torch.save(extra, tmp / EXTRA_FILE)
+        summary = {
+            **extra["state"], "world_size": accelerator.num_processes, "checkpoint": final.name
+        }  # fmt: skip
+        (tmp / STATE_FILE).write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    if main:
+        publish_checkpoint(tmp, final, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def check_resumable(cfg: Config, saved: dict[str, Any], ckpt: Path) -> None:
+    """Model, path, data shape and batch must match the checkpoint's; other settings may change."""
+    now = to_dict(cfg)
+    for section in ("model", "path"):
+        if now[section] != saved[section]:
+            diff = {
+                k: (saved[section].get(k), v)
+                for k, v in now[section].items()
+                if saved[section].get(k) != v
+            }
+            raise CheckpointError(
+                f"cannot resume from {ckpt}: {section} settings differ from the checkpoint's "
+                f"(key: (checkpoint, now)) {diff}; use the checkpoint's config or a new train.run_dir"
+            )
+    for key in ("resolution", "channels"):
+        if now["data"][key] != saved["data"][key]:
+            raise CheckpointError(
+                f"cannot resume from {ckpt}: data.{key} is {now['data'][key]}, the checkpoint was "
+                f"trained with {saved['data'][key]}"
+            )
+    if now["train"]["batch_size"] != saved["train"]["batch_size"]:
+        raise CheckpointError(
+            f"cannot resume from {ckpt}: train.batch_size is {now['train']['batch_size']}, the "
+            f"checkpoint used {saved['train']['batch_size']} (the data position counts batches)"
+        )
+
+
 def find_checkpoint(run_dir: str | Path, resume: str | None) -> Path | None:
     """Resolve ``--resume``: None/"" -> no resume, "auto" -> the latest in run_dir if any, else a path."""
     if not resume:

@@ -31,12 +31,13 @@ from tqdm.auto import tqdm
 
 from fmgen.checkpoint import (
     EXTRA_FILE,
-    STATE_FILE,
+    check_resumable,
     checkpoint_name,
     export_model,
     find_checkpoint,
+    loader_file,
     make_path,
-    publish_checkpoint,
+    save_checkpoint,
 )
 from fmgen.config import Config, ConfigError, to_dict, to_yaml
 from fmgen.errors import FmgenError
@@ -219,21 +220,19 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     ckpt = find_checkpoint(run_dir, resume)
     if ckpt is not None:
         extra = torch.load(ckpt / EXTRA_FILE, map_location="cpu", weights_only=False)
-        _check_compatible(
-            cfg, extra["config"], ckpt
-        )  # before loading: a clear message, not a size mismatch
+        check_resumable(cfg, extra["config"], ckpt)  # a clear message, not a size mismatch
         accelerator.load_state(str(ckpt))
         ema.load_state_dict(extra["ema"])
         ema.to(device)
         gen.set_state(extra["generator"])
         state = TrainState(**extra["state"])
-        loader_file = ckpt / f"fmgen_loader_{rank}.pt"
-        if not loader_file.is_file():
+        position = loader_file(ckpt, rank)
+        if not position.is_file():
             raise TrainingError(
-                f"{ckpt} has no data position for rank {rank} ({loader_file.name}): it was written "
+                f"{ckpt} has no data position for rank {rank} ({position.name}): it was written "
                 f"by fewer processes; resume with the same number of processes"
             )
-        data.load_state_dict(torch.load(loader_file, weights_only=False))
+        data.load_state_dict(torch.load(position, weights_only=False))
         log.info("resumed from %s at step %d (%d images)", ckpt, state.step, state.images)
 
     total_steps = math.ceil(cfg.train.total_images / cfg.train.batch_size)
@@ -381,9 +380,17 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
             stopping = _any_rank(stop.set, device)
             due = state.images % cfg.train.checkpoint_every_images < cfg.train.batch_size
             if stopping or due or state.step == total_steps:
-                last_ckpt = _save_checkpoint(
-                    accelerator, cfg, state, ema, gen, data, class_names, ckpt_root
-                )
+                extra = {
+                    "ema": ema.state_dict(),
+                    "generator": gen.get_state(),
+                    "state": asdict(state),
+                    "config": to_dict(cfg),
+                    "class_names": class_names,
+                }
+                last_ckpt = save_checkpoint(
+                    accelerator, ckpt_root / checkpoint_name(state.step), extra=extra,
+                    loader_state=data.state_dict(), keep=cfg.train.keep_checkpoints,
+                )  # fmt: skip
             if stopping:
                 log.warning(
                     "stopped by signal %d at step %d; checkpoint %s",
@@ -524,71 +531,6 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], device=device, dtype=torch.float64)
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
-
-
-def _check_compatible(cfg: Config, saved: dict[str, Any], ckpt: Path) -> None:
-    """Model, path and data shape must match the checkpoint; other settings may change."""
-    now = to_dict(cfg)
-    for section in ("model", "path"):
-        if now[section] != saved[section]:
-            diff = {
-                k: (saved[section][k], v)
-                for k, v in now[section].items()
-                if saved[section].get(k) != v
-            }
-            raise TrainingError(
-                f"cannot resume from {ckpt}: {section} settings differ from the checkpoint's "
-                f"(key: (checkpoint, now)) {diff}; use the checkpoint's config or a new train.run_dir"
-            )
-    for key in ("resolution", "channels"):
-        if now["data"][key] != saved["data"][key]:
-            raise TrainingError(
-                f"cannot resume from {ckpt}: data.{key} is {now['data'][key]}, the checkpoint was "
-                f"trained with {saved['data'][key]}"
-            )
-    if now["train"]["batch_size"] != saved["train"]["batch_size"]:
-        raise TrainingError(
-            f"cannot resume from {ckpt}: train.batch_size is {now['train']['batch_size']}, the "
-            f"checkpoint used {saved['train']['batch_size']} (the data position counts batches)"
-        )
-
-
-def _save_checkpoint(
-    accelerator: Accelerator,
-    cfg: Config,
-    state: TrainState,
-    ema: EMAModel,
-    gen: torch.Generator,
-    data: Any,
-    class_names: list[str],
-    ckpt_root: Path,
-) -> Path:
-    """Write into a hidden folder, then rename and move ``latest``: never a half-written latest."""
-    import shutil
-
-    name = checkpoint_name(state.step)
-    tmp, final = ckpt_root / f".tmp-{name}", ckpt_root / name
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every rank: its RNG state; main: model, optimizer, scaler
-    torch.save(data.state_dict(), tmp / f"fmgen_loader_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        extra = {
-            "ema": ema.state_dict(),
-            "generator": gen.get_state(),
-            "state": asdict(state),
-            "config": to_dict(cfg),
-            "class_names": class_names,
-        }
-        torch.save(extra, tmp / EXTRA_FILE)
-        summary = {**asdict(state), "world_size": accelerator.num_processes, "checkpoint": name}
-        (tmp / STATE_FILE).write_text(json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        publish_checkpoint(tmp, final, cfg.train.keep_checkpoints)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def _sample_grid(

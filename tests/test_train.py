@@ -79,13 +79,13 @@ def test_run_writes_checkpoint_export_grid_and_loads(shards, tmp_path):
 
 
 def test_batch_must_divide_and_resume_mismatch_is_clear(shards, tmp_path):
+    from fmgen.checkpoint import CheckpointError
     from fmgen.config import ConfigError
-    from fmgen.train import TrainingError
 
     with pytest.raises(ConfigError, match="train.batch_size"):
         run_train(tiny(shards, tmp_path / "a", 1, "train.batch_size=15", "train.grad_accum=2"))
     run_train(tiny(shards, tmp_path / "b", 1))
-    with pytest.raises(TrainingError, match="model settings differ"):
+    with pytest.raises(CheckpointError, match="model settings differ"):
         run_train(
             tiny(shards, tmp_path / "b", 2, "model.block_out_channels=[16,16]"), resume="auto"
         )
