@@ -5,7 +5,8 @@
 Writes ``nfe_sweep.csv``, ``nfe_sweep.md`` and ``nfe_sweep.png`` (FID vs NFE, one line per
 sampler) into --out (default: <checkpoint>/nfe-sweep) and prints the table. Every FID uses the
 same reference statistics, samples, labels and seed; only the solver and its steps change.
-NFE counts network calls per sample (guidance doubles the batch, not the count).
+NFE counts network calls per sample (guidance doubles the batch, not the count). ``--time-grid
+edm`` spaces the steps as in EDM (Karras et al.); run it once per grid to compare them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def main() -> None:
     )
     p.add_argument("--inception-weights", default="")
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument(
+        "--time-grid",
+        choices=("uniform", "edm"),
+        default=None,
+        help="uniform in t or EDM spacing in sigma (default: the checkpoint config's)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -57,6 +64,7 @@ def main() -> None:
     spec = feature_spec(net_name, resolution=cfg.data.resolution, channels=cfg.data.channels,
                         inception_weights=args.inception_weights, cache_dir=Path(cfg.train.run_dir) / "cache")  # fmt: skip
     guidance = cfg.sample.guidance if args.guidance is None else args.guidance
+    grid = args.time_grid or cfg.sample.time_grid
     labels = torch.arange(args.num_samples) % model.num_classes if model.conditional else None
     out = Path(args.out) if args.out else Path(loaded.source) / "nfe-sweep"
     out.mkdir(parents=True, exist_ok=True)
@@ -65,8 +73,8 @@ def main() -> None:
         for budget in (int(b) for b in args.nfe.split(",")):
             steps = steps_for(sampler, budget)
             images = generate(model, loaded.path, num=args.num_samples, labels=labels, sampler=sampler, steps=steps,
-                              guidance=guidance, sde_sigma=cfg.sample.sde_sigma, seed=args.seed,
-                              device=next(model.parameters()).device)  # fmt: skip
+                              guidance=guidance, sde_sigma=cfg.sample.sde_sigma, time_grid=grid,
+                              seed=args.seed, device=next(model.parameters()).device)  # fmt: skip
             fid, ref = fid_against_reference(images, data_dir=Path(cfg.data.path), spec=spec,
                                              inception_weights=args.inception_weights)  # fmt: skip
             rows.append(
@@ -86,7 +94,7 @@ def main() -> None:
         w.writeheader()
         w.writerows(rows)
     header = (f"FID ({spec.name} features, {args.num_samples} samples vs {ref['num_reference']} reference, "
-              f"guidance {guidance}, {loaded.weights} weights, step {loaded.step})")  # fmt: skip
+              f"{grid} time grid, guidance {guidance}, {loaded.weights} weights, step {loaded.step})")  # fmt: skip
     md = [header, "", "| sampler | steps | NFE | FID |", "| --- | --- | --- | --- |"]
     md += [f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']} |" for r in rows]
     (out / "nfe_sweep.md").write_text("\n".join(md) + "\n")

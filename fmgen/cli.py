@@ -146,6 +146,13 @@ def sample_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--t-start", type=float, default=None, help="first time of the grid (default 0)")
     p.add_argument(
+        "--time-grid",
+        choices=("uniform", "edm"),
+        default=None,
+        help="time steps uniform in t, or EDM (Karras) spacing in sigma = beta / alpha "
+        "(default: the config's)",
+    )
+    p.add_argument(
         "--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)"
     )
     who = p.add_mutually_exclusive_group()

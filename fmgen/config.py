@@ -137,6 +137,7 @@ class SampleConfig:
     per_class: int = 8  # grid rows are classes
     sde_sigma: float = 0.5  # sigma_t = sde_sigma * beta_t
     t_start: float = 0.0
+    time_grid: str = "uniform"  # uniform | edm (Karras spacing in sigma = beta / alpha)
 
 
 @dataclass
@@ -181,6 +182,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.prediction_type": ("velocity", "eps", "score", "x0"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "sample.sampler": ("euler", "heun", "rk4", "sde"),
+    "sample.time_grid": ("uniform", "edm"),
     "eval.feature_network": ("inception", "digits-classifier"),
     "logging.mode": ("", "online", "offline", "disabled"),
 }

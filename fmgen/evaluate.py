@@ -246,7 +246,8 @@ def fid_of_model(
     images = generate(
         model, path, num=k, labels=labels[s : s + k] if labels is not None else None, start=s,
         sampler=cfg.sample.sampler, steps=cfg.sample.steps, guidance=cfg.sample.guidance,
-        sde_sigma=cfg.sample.sde_sigma, t_start=cfg.sample.t_start, seed=seed, device=device,
+        sde_sigma=cfg.sample.sde_sigma, t_start=cfg.sample.t_start, time_grid=cfg.sample.time_grid,
+        seed=seed, device=device,
     )  # fmt: skip
     u8 = to_uint8(images)
     if accelerator is not None and world > 1:

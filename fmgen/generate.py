@@ -48,6 +48,7 @@ def generate(
     guidance: float = 1.0,
     sde_sigma: float = 0.5,
     t_start: float = 0.0,
+    time_grid: str = "uniform",
     seed: int = 0,
     start: int = 0,
     device: str | torch.device = "cpu",
@@ -56,6 +57,7 @@ def generate(
     """Images (num, C, H, W) in [-1, 1] for global sample indices start..start+num-1.
 
     ``labels`` (num,) for a conditional model (the null label gives unconditional samples).
+    ``time_grid`` is the spacing of ``samplers.time_grid``: "uniform" in t or "edm".
     Every random number of sample i (initial noise, SDE increments) depends on (seed, i) only,
     so splitting the indices across processes reproduces the images of one process.
     """
@@ -81,7 +83,9 @@ def generate(
         x = block_noise(seed, start + i, n, shape).to(device=device, dtype=dtype)
         y = labels[i : i + n].to(device) if labels is not None else None
         field = model_field(model, path, y, guidance)
-        ts = samplers.time_grid(steps, t_start=t_start, device=x.device, dtype=x.dtype)
+        ts = samplers.time_grid(
+            steps, t_start=t_start, spacing=time_grid, path=path, device=x.device, dtype=x.dtype
+        )
         kwargs = {}
         if sampler == "sde":
             # one generator per block, offset by the position inside it
@@ -260,6 +264,7 @@ def sample_command(args: Any) -> str:
         dt = torch.bfloat16 if args.precision == "bf16" else torch.float16
         autocast = torch.autocast(device_type=device.type, dtype=dt)
     common = dict(sampler=sampler, steps=steps, guidance=guidance, t_start=args.t_start or cfg.t_start,
+                  time_grid=args.time_grid or cfg.time_grid,
                   sde_sigma=cfg.sde_sigma if args.sde_sigma is None else args.sde_sigma, seed=args.seed,
                   device=device)  # fmt: skip
     out_dir = Path(args.out_dir) if args.out_dir else None
@@ -299,7 +304,7 @@ def sample_command(args: Any) -> str:
             ]
         save_grid(first[:k], grid_path, nrow=nrow, row_labels=rows)
         lines.append(
-            f"grid: {grid_path} ({k} images, {sampler}, {steps} steps, guidance {guidance}, {loaded.weights} weights, step {loaded.step})"
+            f"grid: {grid_path} ({k} images, {sampler}, {steps} {common['time_grid']} steps, guidance {guidance}, {loaded.weights} weights, step {loaded.step})"
         )
     if out_dir is not None:
         if args.format == "npz":

@@ -171,7 +171,7 @@ def digits_quality_report(
     n_per = max(1, cfg.eval.quality_samples // model.num_classes)
     labels = torch.arange(model.num_classes).repeat_interleave(n_per)
     common = dict(sampler=cfg.sample.sampler, steps=cfg.sample.steps, sde_sigma=cfg.sample.sde_sigma,
-                  t_start=cfg.sample.t_start, device=device)  # fmt: skip
+                  t_start=cfg.sample.t_start, time_grid=cfg.sample.time_grid, device=device)  # fmt: skip
     guided = generate(
         model, path, num=len(labels), labels=labels, guidance=cfg.sample.guidance, seed=1, **common
     )

@@ -49,6 +49,7 @@ def test_overrides_are_typed_and_nested():
         ("loss.name=mse", "loss.name"),
         ("train.mixed_precision=fp8", "train.mixed_precision"),
         ("model.prediction_type=noise", "model.prediction_type"),
+        ("sample.time_grid=karras", "sample.time_grid"),
         ("train.batch_size=0", "train.batch_size"),
         ("model.p_uncond=1.5", "model.p_uncond"),
         ("model.attention_levels=[7]", "model.attention_levels"),

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fmgen import samplers
 from fmgen.checkpoint import load_model
-from fmgen.generate import generate, model_field
+from fmgen.generate import block_noise, generate, model_field, sample_command
 
 
 def run_sample(*args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
@@ -116,6 +116,49 @@ def test_guidance_scales_follow_the_formula(tiny_run):
     assert torch.allclose(
         generate(m, path, num=5, labels=y, guidance=1.0, steps=3), direct.clamp(-1, 1), atol=1e-6
     )
+
+
+def test_generate_follows_the_time_grid(tiny_run):
+    """generate(time_grid=...) is Heun on samplers.time_grid(spacing=..., path=...)."""
+    loaded = load_model(tiny_run.run_dir)
+    m, path, y = loaded.model, loaded.path, torch.arange(5)
+    field = samplers.velocity_field(lambda x, t: m(x, t, y), path, "velocity")
+    out = {}
+    for spacing in samplers.TIME_GRIDS:
+        ts = samplers.time_grid(3, spacing=spacing, path=path)
+        direct = samplers.sample_heun(field, block_noise(0, 0, 5, (1, 8, 8)), ts).clamp(-1, 1)
+        out[spacing] = generate(m, path, num=5, labels=y, guidance=1.0, steps=3, time_grid=spacing)
+        assert torch.allclose(out[spacing], direct, atol=1e-6)
+    assert not torch.allclose(out["uniform"], out["edm"], atol=1e-3)
+
+
+@pytest.mark.parametrize(("saved", "flag", "want"), [("uniform", None, "uniform"), ("edm", None, "edm"), ("edm", "uniform", "uniform"), ("uniform", "edm", "edm")])  # fmt: skip
+def test_time_grid_flag_defaults_to_the_config(tiny_run, tmp_path, monkeypatch, saved, flag, want):
+    """sample.py --time-grid overrides the checkpoint config's sample.time_grid."""
+    import fmgen.checkpoint
+    import fmgen.generate
+    from fmgen.cli import sample_parser
+
+    real_load, real_generate, seen = fmgen.checkpoint.load_model, fmgen.generate.generate, []
+
+    def load_with(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        loaded.config.sample.time_grid = saved
+        return loaded
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["time_grid"])
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(fmgen.checkpoint, "load_model", load_with)
+    monkeypatch.setattr(fmgen.generate, "generate", spy)
+    argv = ["--checkpoint", str(tiny_run.run_dir), "--num-samples", "2", "--steps", "2",
+            "--device", "cpu", "--out", str(tmp_path / "g.png")]  # fmt: skip
+    args = sample_parser().parse_args(argv + (["--time-grid", flag] if flag else []))
+    assert f"{want} steps" in sample_command(args)
+    assert seen == [want]
+    with pytest.raises(SystemExit):
+        sample_parser().parse_args([*argv, "--time-grid", "karras"])
 
 
 def test_bad_checkpoint_and_labels_are_clear_errors(tiny_run, tmp_path):
