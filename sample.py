@@ -1,6 +1,6 @@
 """Sample images from a checkpoint: `python sample.py --checkpoint runs/digits --per-class 8`."""
 
-from fmgen.cli import sample_main
+from fmgen.cli.sample import main
 
 if __name__ == "__main__":
-    raise SystemExit(sample_main())
+    raise SystemExit(main())

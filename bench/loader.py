@@ -33,7 +33,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fmgen.data import Example, ShardLoader, digits_images, write_shards  # noqa: E402
-from fmgen.stream import tar_members  # noqa: E402
+from fmgen.data.stream import tar_members  # noqa: E402
 
 
 def make_shards(out: Path, n: int, resolution: int, per_shard: int) -> Path:

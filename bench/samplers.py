@@ -19,9 +19,17 @@ import time
 
 import torch
 
-from fmgen.oracle import Oracle
-from fmgen.paths import PATHS, get_path
-from fmgen.samplers import SAMPLERS, TIME_GRIDS, beta_sigma, count_nfe, get_sampler, time_grid
+from fmgen import (
+    PATHS,
+    SAMPLERS,
+    TIME_GRIDS,
+    Oracle,
+    beta_sigma,
+    count_nfe,
+    get_path,
+    get_sampler,
+    time_grid,
+)
 
 
 def parse_args() -> argparse.Namespace:

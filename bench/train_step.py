@@ -48,13 +48,10 @@ def bare_loop(
     cfg, images: torch.Tensor, labels: torch.Tensor, steps: int, warmup: int, device: torch.device
 ) -> float:
     """The same model and batch, trained with nothing but AdamW and the CFM loss."""
-    from fmgen.models import FlowModel, build_unet
+    from fmgen.models import ClassLabels, build_model
 
     torch.manual_seed(0)
-    model = FlowModel(
-        build_unet(cfg.model, resolution=cfg.data.resolution, channels=cfg.data.channels, num_classes=10),
-        "velocity", 10,
-    ).to(device)  # fmt: skip
+    model = build_model(cfg, ClassLabels(10)).to(device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     net = torch.compile(model) if cfg.train.compile else model
@@ -104,13 +101,13 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     from fmgen.config import load_config
+    from fmgen.data.pipeline import read_all
     from fmgen.train import train
-    from fmgen.train_data import read_all
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        over = [f"train.run_dir={tmp / 'run'}", "eval.quality_check=false", "logging.wandb=true",
+        over = [f"train.run_dir={tmp / 'run'}", "eval.report=", "logging.wandb=true",
                 "logging.mode=offline", "train.log_every_steps=10"]  # fmt: skip
         if args.preset == "cifar10":
             shards = synthetic_shards(tmp / "data", 32, 3, 4096)

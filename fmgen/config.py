@@ -7,17 +7,30 @@ on 1 or 64 GPUs; ``train.batch_size`` is the GLOBAL batch.
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import re
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fmgen.errors import FmgenError
+from fmgen.base import FmgenError
+from fmgen.core import (
+    DSM_WEIGHTINGS,
+    LOSSES,
+    PATHS,
+    PREDICTION_TYPES,
+    SAMPLERS,
+    TIME_GRIDS,
+    TIME_SAMPLINGS,
+    GaussianPath,
+    SamplingSpec,
+    get_path,
+)
 
 
 class ConfigError(FmgenError, ValueError):
@@ -81,16 +94,24 @@ class LossConfig:
 
 
 @dataclass
-class ModelConfig:
-    prediction_type: str = "velocity"  # velocity | eps | score | x0
+class UNetConfig:
+    """Options of ``model.type: unet`` (diffusers ``UNet2DModel``); checked by its builder."""
+
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = 1
     attention_levels: list[int] = field(default_factory=list)  # indices of blocks with attention
     attention_head_dim: int = 8
     dropout: float = 0.0
     norm_num_groups: int = 8
+
+
+@dataclass
+class ModelConfig:
+    type: str = "unet"  # a backbone of fmgen.models.BACKBONES
+    prediction_type: str = "velocity"  # velocity | eps | score | x0
     class_conditional: bool = True
-    p_uncond: float = 0.1  # label dropped to the null class, per sample, for guidance
+    p_uncond: float = 0.1  # condition dropped to the null condition, per sample, for guidance
+    unet: UNetConfig = field(default_factory=UNetConfig)
 
 
 @dataclass
@@ -144,10 +165,10 @@ class SampleConfig:
 class EvalConfig:
     fid_every_images: int = 0  # 0: no FID during training
     fid_num_samples: int = 1000
-    feature_network: str = "inception"  # inception | digits-classifier
+    feature_network: str = "inception"  # a name of fmgen.eval.FEATURE_NETWORKS
     inception_weights: str = ""  # local weights file for clusters without internet
-    quality_check: bool = True  # digits: classifier-based accuracy/coverage report at the end
-    quality_samples: int = 500
+    report: str = ""  # end-of-training report, a name of fmgen.eval.REPORTS ("" = none)
+    report_samples: int = 500
 
 
 @dataclass
@@ -173,17 +194,18 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+# Choices of the keys that the math and this module own, derived from their registries. Keys
+# whose registries live in higher layers (model.type, data.source, eval.feature_network,
+# eval.report) are checked by those layers (``fmgen.train.check_config`` runs every check).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("digits", "folder", "hf", "shards"),
-    "path.name": ("linear", "vp-cosine", "vp-linear"),
-    "loss.name": ("cfm", "dsm"),
-    "loss.weighting": ("beta2", "none", "snr"),
-    "loss.time_sampling": ("uniform", "logit-normal"),
-    "model.prediction_type": ("velocity", "eps", "score", "x0"),
+    "path.name": tuple(PATHS),
+    "loss.name": tuple(LOSSES),
+    "loss.weighting": DSM_WEIGHTINGS,
+    "loss.time_sampling": TIME_SAMPLINGS,
+    "model.prediction_type": PREDICTION_TYPES,
     "train.mixed_precision": ("no", "bf16", "fp16"),
-    "sample.sampler": ("euler", "heun", "rk4", "sde"),
-    "sample.time_grid": ("uniform", "edm"),
-    "eval.feature_network": ("inception", "digits-classifier"),
+    "sample.sampler": tuple(SAMPLERS),
+    "sample.time_grid": TIME_GRIDS,
     "logging.mode": ("", "online", "offline", "disabled"),
 }
 
@@ -329,8 +351,24 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
+def _numbers(obj: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if is_dataclass(v):
+            yield from _numbers(v, f"{prefix}{f.name}.")
+        elif isinstance(v, float):
+            yield f"{prefix}{f.name}", v
+        elif isinstance(v, list):
+            yield from (
+                (f"{prefix}{f.name}[{i}]", x) for i, x in enumerate(v) if isinstance(x, float)
+            )
+
+
 def validate(cfg: Config) -> None:
     """Check values beyond their types; each error names the key and what would be valid."""
+    for key, v in _numbers(cfg):
+        if not math.isfinite(v):
+            raise ConfigError(f"{key}: must be a finite number, got {v}")
     for key, valid in CHOICES.items():
         v = _get(cfg, key)
         if v not in valid:
@@ -347,7 +385,7 @@ def validate(cfg: Config) -> None:
         "train.keep_checkpoints",
         "sample.steps",
         "sample.per_class",
-        "model.layers_per_block",
+        "eval.report_samples",
         "ema.half_life_images",
     ]
     for key in positive:
@@ -377,22 +415,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.t_min: must lie in [0, 0.5), got {cfg.loss.t_min}")
     if not 0 <= cfg.sample.t_start < 1:
         raise ConfigError(f"sample.t_start: must lie in [0, 1), got {cfg.sample.t_start}")
-    blocks = cfg.model.block_out_channels
-    if not blocks or any(c <= 0 or c % cfg.model.norm_num_groups for c in blocks):
-        raise ConfigError(
-            f"model.block_out_channels: {blocks} must be positive multiples of "
-            f"model.norm_num_groups={cfg.model.norm_num_groups}"
-        )
-    for i in cfg.model.attention_levels:
-        if not 0 <= i < len(blocks):
-            raise ConfigError(
-                f"model.attention_levels: level {i} does not exist; valid levels 0..{len(blocks) - 1}"
-            )
-    if cfg.data.resolution % (2 ** (len(blocks) - 1)):
-        raise ConfigError(
-            f"data.resolution={cfg.data.resolution} must be divisible by 2^(len(model.block_out_channels)-1)"
-            f"={2 ** (len(blocks) - 1)} (one downsampling per extra block)"
-        )
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} must be divisible by train.grad_accum="
@@ -402,5 +424,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
 
 
-def replace(cfg: Config, **sections: Any) -> Config:
-    return dataclasses.replace(cfg, **sections)
+def make_path(cfg: Config) -> GaussianPath:
+    """The Gaussian path of the config."""
+    if cfg.path.name == "vp-linear":
+        return get_path("vp-linear", b0=cfg.path.b0, b1=cfg.path.b1)
+    return get_path(cfg.path.name)
+
+
+def sampling_spec(cfg: Config) -> SamplingSpec:
+    """The sampling options of the config as one ``SamplingSpec``."""
+    s = cfg.sample
+    try:
+        return SamplingSpec(s.sampler, s.steps, s.guidance, s.sde_sigma, s.t_start, s.time_grid)
+    except ValueError as e:
+        raise ConfigError(f"sample: {e}") from None

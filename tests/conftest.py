@@ -13,17 +13,17 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits.yaml"
 BATCH = 16
-# A tiny digits job: 8x8 images, a two-level U-Net, no W&B, no quality report.
+# A tiny digits job: 8x8 images, a two-level U-Net, no W&B, no end-of-training report.
 TINY = [
     "data.resolution=8",
-    "model.block_out_channels=[8,16]",
-    "model.layers_per_block=1",
+    "model.unet.block_out_channels=[8,16]",
+    "model.unet.layers_per_block=1",
     f"train.batch_size={BATCH}",
     "train.log_every_steps=1",
     "train.checkpoint_every_images=100000",
     "optim.warmup_images=32",
     "logging.wandb=false",
-    "eval.quality_check=false",
+    "eval.report=",
     "sample.steps=2",
     "sample.per_class=2",
 ]

@@ -27,13 +27,13 @@ def test_overrides_are_typed_and_nested():
         [
             "train.batch_size=64",
             "optim.lr=1e-3",
-            "model.block_out_channels=[16,32]",
+            "model.unet.block_out_channels=[16,32]",
             "logging.wandb=false",
         ],
     )
     assert cfg.train.batch_size == 64 and isinstance(cfg.train.batch_size, int)
     assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
-    assert cfg.model.block_out_channels == [16, 32]
+    assert cfg.model.unet.block_out_channels == [16, 32]
     assert cfg.logging.wandb is False
 
 
@@ -52,15 +52,47 @@ def test_overrides_are_typed_and_nested():
         ("sample.time_grid=karras", "sample.time_grid"),
         ("train.batch_size=0", "train.batch_size"),
         ("model.p_uncond=1.5", "model.p_uncond"),
-        ("model.attention_levels=[7]", "model.attention_levels"),
+        ("model.unet.attention_levels=[7]", "model.unet.attention_levels"),
+        ("model.unet.block_out_channels=[12,16]", "model.unet.block_out_channels"),
+        ("model.block_out_channels=[8,16]", "model.block_out_channels"),
         ("data.resolution=10", "data.resolution"),
+        ("model.type=transformer", "model.type"),
+        ("data.source=s3", "data.source"),
+        ("eval.feature_network=clip", "eval.feature_network"),
+        ("eval.report=imagenet", "eval.report"),
+        ("sample.guidance=nan", "sample.guidance"),
+        ("optim.lr=.inf", "optim.lr"),
+        ("sample.steps=0", "sample.steps"),
         ("nonsense", "section.key=value"),
     ],
 )
 def test_bad_overrides_name_the_key(override, needle):
+    """Every check of a config, the schema's and those of the layers above it (train runs all)."""
+    from fmgen.train import check_config
+
     with pytest.raises(ConfigError, match=None) as err:
-        load_config(ROOT / "configs/digits.yaml", [override])
+        check_config(load_config(ROOT / "configs/digits.yaml", [override]))
     assert needle in str(err.value)
+
+
+def test_layer_checks_run_before_training(tmp_path):
+    """A bad backbone option fails in train() before any data or run folder is touched."""
+    from fmgen.train import train
+
+    cfg = load_config(ROOT / "configs/digits.yaml", [f"train.run_dir={tmp_path / 'run'}",
+                                                      f"data.path={tmp_path / 'data'}",
+                                                      "model.unet.attention_levels=[5]"])  # fmt: skip
+    with pytest.raises(ConfigError, match="model.unet.attention_levels"):
+        train(cfg)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+def test_digits_report_needs_digits_data():
+    from fmgen.train import check_config
+
+    with pytest.raises(ConfigError, match="eval.report='digits' judges data.source digits"):
+        check_config(load_config(ROOT / "configs/digits.yaml", ["data.source=folder"]))
+    check_config(load_config(ROOT / "configs/digits.yaml", ["data.source=folder", "eval.report="]))
 
 
 def test_unknown_key_lists_valid_keys():
@@ -82,7 +114,7 @@ def test_yaml_with_unknown_section_fails(tmp_path):
 
 
 def test_dry_run_prints_resolved_config(capsys):
-    from fmgen.cli import train_main
+    from fmgen.cli.train import main as train_main
 
     assert (
         train_main(["--config", str(ROOT / "configs/digits.yaml"), "train.seed=7", "--dry-run"])
@@ -93,7 +125,7 @@ def test_dry_run_prints_resolved_config(capsys):
 
 
 def test_cli_reports_config_errors_without_traceback(capsys):
-    from fmgen.cli import train_main
+    from fmgen.cli.train import main as train_main
 
     assert (
         train_main(

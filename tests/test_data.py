@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
+from fmgen.cli.prepare import main
 from fmgen.data import (
     DataError,
     ShardLoader,
     digits_images,
     fit_image,
-    main,
     prepare,
     read_manifest,
 )
@@ -405,7 +405,7 @@ def test_resume_is_exact_with_corrupt_samples_and_workers(d8, tmp_path, resample
 
 @pytest.mark.parametrize("fmt", ["ustar", "pax", "gnu", "gz"])
 def test_tar_reader_matches_tarfile(tmp_path, fmt):
-    from fmgen.stream import tar_members
+    from fmgen.data.stream import tar_members
 
     files = {
         "a/" + "x" * 120 + ".png": b"\x89PNG...",

@@ -19,11 +19,11 @@ def test_default_digits_job_trains_real_digits_to_the_quality_bar(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert (run / "export" / "unet" / "config.json").is_file() and (
+    assert (run / "export" / "backbone" / "config.json").is_file() and (
         run / "samples" / "final.png"
     ).is_file()
     assert (run / "checkpoints" / "latest").is_file()
-    q = json.loads((run / "eval" / "quality.json").read_text())
+    q = json.loads((run / "eval" / "digits.json").read_text())
     print(json.dumps(q, indent=2))
     assert q["step"] == 440
     assert q["classifier_heldout_accuracy"] >= 0.95, "the judge itself is not good enough"

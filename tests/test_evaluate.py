@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import ROOT, subprocess_env
 
-import fmgen.evaluate as ev
-from fmgen.quality import real_digits, split_indices, train_digits_classifier
+import fmgen.eval.fid as ev
+from fmgen.eval.digits import real_digits, split_indices, train_digits_classifier
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,11 @@ def test_evaluate_cli_scores_a_checkpoint_with_a_protocol_record(tiny_run, tmp_p
     assert r.returncode == 0, r.stderr
     rec = json.loads(out.read_text())
     assert rec["num_generated"] == 40 and rec["num_reference"] == 1797 and rec["fid"] > 0
-    for key in ("feature_network", "feature_weights_hash", "resize", "sampler", "nfe", "guidance",
-                "weights", "seed", "checkpoint_step", "reference"):  # fmt: skip
+    for key in ("feature_network", "feature_weights_hash", "resize", "sampling", "nfe", "guidance",
+                "autoencoder", "weights", "seed", "checkpoint_step", "reference"):  # fmt: skip
         assert key in rec, key
+    # the tiny run samples with Heun, 2 steps ending at t = 1: 2 * 2 - 1 field evaluations,
+    # whatever the guidance (one batched network call per evaluation)
+    assert rec["sampling"]["sampler"] == "heun" and rec["sampling"]["steps"] == 2
+    assert rec["nfe"] == rec["sampling"]["nfe"] == 3 and rec["guidance"] == 2.0
     assert rec["weights"] == "ema" and rec["reference"]["stats_hash"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from fmgen.losses import (
+from fmgen.core.losses import (
     DSM_WEIGHTINGS,
     LOSSES,
     cfm_loss,
@@ -22,8 +22,8 @@ from fmgen.losses import (
     prediction_type_of,
     sample_time,
 )
-from fmgen.oracle import Oracle
-from fmgen.paths import PREDICTION_TYPES, get_path
+from fmgen.core.oracle import Oracle
+from fmgen.core.paths import PREDICTION_TYPES, get_path
 
 F64 = torch.float64
 

@@ -18,8 +18,8 @@ import math
 import pytest
 import torch
 
-from fmgen.oracle import Oracle
-from fmgen.paths import PATHS, PREDICTION_TYPES, get_path
+from fmgen.core.oracle import Oracle
+from fmgen.core.paths import PATHS, PREDICTION_TYPES, get_path
 
 F64 = torch.float64
 PATH_NAMES = list(PATHS)

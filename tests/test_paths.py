@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from fmgen.paths import PATHS, PREDICTION_TYPES, get_path
+from fmgen.core.paths import PATHS, PREDICTION_TYPES, get_path
 
 F64 = torch.float64
 PATH_NAMES = list(PATHS)

@@ -93,7 +93,7 @@ class BackwardHalved(torch.nn.Module):
 def test_compile_check_refuses_wrong_gradients_and_passes_faithful_ones(
     shards, tmp_path, monkeypatch, caplog
 ):
-    import fmgen.train as tr
+    import fmgen.train.loop as tr
 
     monkeypatch.setattr(tr.torch, "compile", BackwardHalved)
     with pytest.raises(tr.TrainingError, match=r"gradients 50\.0% away from eager"):
@@ -121,6 +121,11 @@ def test_compile_check_refuses_wrong_gradients_and_passes_faithful_ones(
         caplog.clear()
 
 
+# The torch this project pins for CPU machines (README); its inductor's fused U-Net backward is
+# wrong on a CPU, which the compile check must catch.
+PINNED_CPU_TORCH = torch.__version__.split("+")[0] == "2.13.0" and not torch.cuda.is_available()
+
+
 @pytest.mark.slow
 def test_real_compile_is_checked_and_its_checkpoints_load_without_compile(
     shards, tmp_path, monkeypatch
@@ -133,7 +138,7 @@ def test_real_compile_is_checked_and_its_checkpoints_load_without_compile(
     import torch._dynamo
     import torch._inductor.config as inductor
 
-    from fmgen.checkpoint import load_model
+    from fmgen.models import load_model
     from fmgen.train import TrainingError
 
     common = ["train.deterministic=true", "optim.eps=1e-4"]
@@ -141,12 +146,18 @@ def test_real_compile_is_checked_and_its_checkpoints_load_without_compile(
     w_eager = weights(latest(eager.run_dir))[0]
 
     torch._dynamo.reset()
-    try:
-        default = run_train(tiny(shards, tmp_path / "default", 2, *common, "train.compile=true"))
-    except TrainingError as e:
-        assert "train.compile=false" in str(e)
-    else:
-        assert max_diff(w_eager, weights(latest(default.run_dir))[0]) < 1e-4
+    if PINNED_CPU_TORCH:  # measured: the check refuses inductor's default fusion on this torch
+        with pytest.raises(TrainingError, match="train.compile=false"):
+            run_train(tiny(shards, tmp_path / "default", 2, *common, "train.compile=true"))
+    else:  # another torch or a GPU: the outcome is that torch's, but never a silent wrong run
+        try:
+            default = run_train(
+                tiny(shards, tmp_path / "default", 2, *common, "train.compile=true")
+            )
+        except TrainingError as e:
+            assert "train.compile=false" in str(e)
+        else:
+            assert max_diff(w_eager, weights(latest(default.run_dir))[0]) < 1e-4
 
     torch._dynamo.reset()  # compiled code is cached per model class, not per inductor setting
     monkeypatch.setattr(inductor, "max_fusion_size", 1)

@@ -11,9 +11,10 @@ import torch
 from conftest import ROOT, subprocess_env, train_tiny
 from PIL import Image
 
-from fmgen import samplers
-from fmgen.checkpoint import load_model
-from fmgen.generate import block_noise, generate, model_field, sample_command
+from fmgen.cli.sample import sample_command
+from fmgen.core import SamplingSpec, grids, samplers
+from fmgen.eval.generate import block_noise, generate, model_field
+from fmgen.models import load_model
 
 
 def run_sample(*args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
@@ -50,9 +51,10 @@ def test_sample_py_writes_grid_and_npz_of_requested_shape(tiny_run, tmp_path):
 def test_same_seed_same_images(tiny_run):
     loaded = load_model(tiny_run.run_dir)
     y = torch.arange(10)
-    a = generate(loaded.model, loaded.path, num=10, labels=y, steps=3, seed=5)
-    b = generate(loaded.model, loaded.path, num=10, labels=y, steps=3, seed=5)
-    c = generate(loaded.model, loaded.path, num=10, labels=y, steps=3, seed=6)
+    spec = SamplingSpec(steps=3)
+    a = generate(loaded.model, loaded.path, spec, num=10, cond=y, seed=5)
+    b = generate(loaded.model, loaded.path, spec, num=10, cond=y, seed=5)
+    c = generate(loaded.model, loaded.path, spec, num=10, cond=y, seed=6)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -67,15 +69,8 @@ def eps_run(shards, tmp_path_factory):
 def test_velocity_and_eps_models_sample_with_every_solver(tiny_run, eps_run, sampler):
     for run in (tiny_run, eps_run):
         loaded = load_model(run.run_dir)
-        x = generate(
-            loaded.model,
-            loaded.path,
-            num=6,
-            labels=torch.arange(6),
-            sampler=sampler,
-            steps=4,
-            guidance=1.5,
-        )
+        spec = SamplingSpec(sampler, steps=4, guidance=1.5)
+        x = generate(loaded.model, loaded.path, spec, num=6, cond=torch.arange(6))
         assert x.shape == (6, 1, 8, 8) and torch.isfinite(x).all()
     assert load_model(eps_run.run_dir).model.prediction_type == "eps"
 
@@ -98,7 +93,8 @@ def test_guidance_scales_follow_the_formula(tiny_run):
     loaded = load_model(tiny_run.run_dir)
     m, path = loaded.model, loaded.path
     x, t, y = torch.randn(5, 1, 8, 8), torch.full((5,), 0.3), torch.arange(5)
-    null = torch.full_like(y, m.null_label)
+    null = m.conditioning.null_like(y)
+    assert torch.equal(null, torch.full_like(y, 10))  # the null label: one past the 10 classes
     with torch.no_grad():
         cond, uncond = m(x, t, y), m(x, t, null)
         for w in (0.0, 1.0, 2.5):
@@ -107,27 +103,27 @@ def test_guidance_scales_follow_the_formula(tiny_run):
         assert torch.equal(model_field(m, path, y, 1.0)(x, t), cond)
         assert torch.equal(model_field(m, path, y, 0.0)(x, t), uncond)
     # whole trajectories: guidance 0 == unconditional sampling, 1 == purely conditional
-    a = generate(m, path, num=5, labels=y, guidance=0.0, steps=3)
-    b = generate(m, path, num=5, labels=null, guidance=1.0, steps=3)
+    a = generate(m, path, SamplingSpec(steps=3, guidance=0.0), num=5, cond=y)
+    b = generate(m, path, SamplingSpec(steps=3, guidance=1.0), num=5, cond=null)
     assert torch.equal(a, b)
-    ts = samplers.time_grid(3)
+    ts = grids.time_grid(3)
     direct = samplers.sample_heun(samplers.velocity_field(lambda x, t: m(x, t, y), path, "velocity"),
-                                  __import__("fmgen.generate", fromlist=["block_noise"]).block_noise(0, 0, 5, (1, 8, 8)), ts)  # fmt: skip
-    assert torch.allclose(
-        generate(m, path, num=5, labels=y, guidance=1.0, steps=3), direct.clamp(-1, 1), atol=1e-6
-    )
+                                  block_noise(0, 0, 5, (1, 8, 8)), ts)  # fmt: skip
+    got = generate(m, path, SamplingSpec(steps=3, guidance=1.0), num=5, cond=y)
+    assert torch.allclose(got, direct.clamp(-1, 1), atol=1e-6)
 
 
 def test_generate_follows_the_time_grid(tiny_run):
-    """generate(time_grid=...) is Heun on samplers.time_grid(spacing=..., path=...)."""
+    """generate with SamplingSpec(grid=...) is Heun on grids.time_grid(spacing=..., path=...)."""
     loaded = load_model(tiny_run.run_dir)
     m, path, y = loaded.model, loaded.path, torch.arange(5)
     field = samplers.velocity_field(lambda x, t: m(x, t, y), path, "velocity")
     out = {}
-    for spacing in samplers.TIME_GRIDS:
-        ts = samplers.time_grid(3, spacing=spacing, path=path)
+    for spacing in grids.TIME_GRIDS:
+        ts = grids.time_grid(3, spacing=spacing, path=path)
         direct = samplers.sample_heun(field, block_noise(0, 0, 5, (1, 8, 8)), ts).clamp(-1, 1)
-        out[spacing] = generate(m, path, num=5, labels=y, guidance=1.0, steps=3, time_grid=spacing)
+        spec = SamplingSpec(steps=3, guidance=1.0, grid=spacing)
+        out[spacing] = generate(m, path, spec, num=5, cond=y)
         assert torch.allclose(out[spacing], direct, atol=1e-6)
     assert not torch.allclose(out["uniform"], out["edm"], atol=1e-3)
 
@@ -135,11 +131,11 @@ def test_generate_follows_the_time_grid(tiny_run):
 @pytest.mark.parametrize(("saved", "flag", "want"), [("uniform", None, "uniform"), ("edm", None, "edm"), ("edm", "uniform", "uniform"), ("uniform", "edm", "edm")])  # fmt: skip
 def test_time_grid_flag_defaults_to_the_config(tiny_run, tmp_path, monkeypatch, saved, flag, want):
     """sample.py --time-grid overrides the checkpoint config's sample.time_grid."""
-    import fmgen.checkpoint
-    import fmgen.generate
-    from fmgen.cli import sample_parser
+    import fmgen.eval.sampling
+    import fmgen.models
+    from fmgen.cli.sample import parser as sample_parser
 
-    real_load, real_generate, seen = fmgen.checkpoint.load_model, fmgen.generate.generate, []
+    real_load, real_generate, seen = fmgen.models.load_model, fmgen.eval.sampling.generate, []
 
     def load_with(*args, **kwargs):
         loaded = real_load(*args, **kwargs)
@@ -147,11 +143,11 @@ def test_time_grid_flag_defaults_to_the_config(tiny_run, tmp_path, monkeypatch, 
         return loaded
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["time_grid"])
+        seen.append(args[2].grid)  # generate(model, path, spec, ...)
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(fmgen.checkpoint, "load_model", load_with)
-    monkeypatch.setattr(fmgen.generate, "generate", spy)
+    monkeypatch.setattr(fmgen.models, "load_model", load_with)
+    monkeypatch.setattr(fmgen.eval.sampling, "generate", spy)
     argv = ["--checkpoint", str(tiny_run.run_dir), "--num-samples", "2", "--steps", "2",
             "--device", "cpu", "--out", str(tmp_path / "g.png")]  # fmt: skip
     args = sample_parser().parse_args(argv + (["--time-grid", flag] if flag else []))

@@ -7,25 +7,24 @@ import math
 import pytest
 import torch
 
-from fmgen.oracle import Oracle
-from fmgen.paths import PREDICTION_TYPES, get_path
-from fmgen.samplers import (
+from fmgen.core.grids import TIME_GRIDS, time_grid
+from fmgen.core.oracle import Oracle
+from fmgen.core.paths import PREDICTION_TYPES, get_path
+from fmgen.core.samplers import (
     SAMPLERS,
-    TIME_GRIDS,
     Step,
     beta_sigma,
     cfg_field,
     cfg_net,
     count_nfe,
     get_sampler,
-    nfe,
     sample_euler,
     sample_euler_maruyama,
     sample_heun,
     sample_rk4,
-    time_grid,
     velocity_field,
 )
+from fmgen.core.sampling import nfe
 
 F64 = torch.float64
 
@@ -269,21 +268,22 @@ def test_cfg_net_one_batched_call():
         return x * (1.0 + y[:, None].to(x.dtype)) + t[:, None]
 
     x, t, y = noise(5), torch.full((5,), 0.3, dtype=F64), torch.tensor([0, 1, 2, 3, 4])
-    cond, uncond = net(x, t, y), net(x, t, torch.full_like(y, null_label))
+    null = torch.full_like(y, null_label)
+    cond, uncond = net(x, t, y), net(x, t, null)
     calls.clear()
     for w in (0.5, 2.5, -1.0):
-        torch.testing.assert_close(
-            cfg_net(net, y, null_label, w)(x, t), uncond + w * (cond - uncond)
-        )
+        torch.testing.assert_close(cfg_net(net, y, null, w)(x, t), uncond + w * (cond - uncond))
     assert calls == [10, 10, 10]
     calls.clear()
-    assert torch.equal(cfg_net(net, y, null_label, 1.0)(x, t), cond)
-    assert torch.equal(cfg_net(net, y, null_label, 0.0)(x, t), uncond)
+    assert torch.equal(cfg_net(net, y, null, 1.0)(x, t), cond)
+    assert torch.equal(cfg_net(net, y, null, 0.0)(x, t), uncond)
     assert calls == [5, 5]  # the pure cases need only the half they use
+    with pytest.raises(ValueError, match="shape of cond"):
+        cfg_net(net, y, null[:3], 2.0)
     # in a sampler, guidance 0 samples the unconditional field and 1 the conditional one
     ts = time_grid(5, t_end=0.9, dtype=F64)
-    for w, labels in ((0.0, torch.full_like(y, null_label)), (1.0, y)):
-        got = sample_heun(cfg_net(net, y, null_label, w), x, ts)
+    for w, labels in ((0.0, null), (1.0, y)):
+        got = sample_heun(cfg_net(net, y, null, w), x, ts)
         assert torch.equal(got, sample_heun(lambda x, t, lab=labels: net(x, t, lab), x, ts))
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from fmgen.launch import Topology, accelerate_command, expand_hostlist, topology_from_env
+from fmgen.train.launch import Topology, accelerate_command, expand_hostlist, topology_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SBATCH = ROOT / "slurm" / "train.sbatch"
@@ -34,11 +34,11 @@ SAMPLE_SBATCH = ROOT / "slurm" / "sample.sbatch"
 BATCH = 16
 # A tiny digits run that trains on CPU in seconds (8x8 images, a two-level U-Net, no W&B).
 TINY_CPU_RUN = [
-    "model.block_out_channels=[8,16]",
+    "model.unet.block_out_channels=[8,16]",
     "data.resolution=8",
     f"train.batch_size={BATCH}",
     "logging.wandb=false",
-    "eval.quality_check=false",
+    "eval.report=",
     "sample.steps=2",
     "sample.per_class=1",
 ]
@@ -54,7 +54,7 @@ def launch_print(env_extra: dict[str, str], *launch_args: str) -> list[str]:
     env.pop("MASTER_PORT", None)
     env.pop("CUDA_VISIBLE_DEVICES", None)
     env.update(env_extra)
-    cmd = [sys.executable, "-m", "fmgen.launch", "--print", *launch_args]
+    cmd = [sys.executable, "-m", "fmgen.train.launch", "--print", *launch_args]
     cmd += ["--", "train.py", "--config", "c.yaml", "a.b=1", "x=two words"]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     return shlex.split(out.stdout)
@@ -87,11 +87,12 @@ def test_launch_line_4_nodes_8_gpus():
 def test_launch_line_overrides_and_pass_through():
     env = {"SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "a1,b[2-3]"}
     env |= {"SLURM_GPUS_ON_NODE": "8", "FMGEN_GPUS_PER_NODE": "4", "MASTER_PORT": "29999"}
-    argv = launch_print(env, "--mixed-precision", "bf16")
+    argv = launch_print(env)
     assert option(argv, "--num_processes") == "8"  # FMGEN_GPUS_PER_NODE wins over SLURM
     assert option(argv, "--main_process_ip") == "a1"
     assert option(argv, "--main_process_port") == "29999"
-    assert option(argv, "--mixed_precision") == "bf16"
+    # mixed precision comes from the training config alone (train.mixed_precision)
+    assert "--mixed_precision" not in argv
     argv = launch_print(env, "--gpus-per-node", "2")  # the flag wins over everything
     assert option(argv, "--num_processes") == "4"
 
@@ -162,7 +163,7 @@ def test_two_simulated_cpu_nodes_join_one_process_group(tmp_path):
     base["MASTER_PORT"] = str(20000 + os.getpid() % 20000)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "fmgen.launch", "--gpus-per-node", "0", "--", str(probe)],
+            [sys.executable, "-m", "fmgen.train.launch", "--gpus-per-node", "0", "--", str(probe)],
             env=base | {"SLURM_NODEID": str(rank)},
             cwd=ROOT,
             stdout=subprocess.PIPE,

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fmgen.shards import DataError
+from fmgen.data.shards import DataError
 
 log = logging.getLogger("fmgen.data")
 

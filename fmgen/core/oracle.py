@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from fmgen.paths import GaussianPath, check_prediction_type, expand_time
+from fmgen.core.paths import GaussianPath, check_prediction_type, expand_time
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the (B_chunk, K, D) difference tensor
 

@@ -21,7 +21,7 @@ Each sample is three tar members sharing a key (the sample's index in the source
      "split": {"name": "train", "holdout_fraction": 0.0, "seed": 0, "source_samples": 1797},
      "source": {"kind": "digits", ...}}
 
-``fmgen.sources`` turns data sets into ``Example`` s (``prepare``); ``fmgen.data`` streams shards.
+``fmgen.data.sources`` turns data sets into ``Example`` s (``prepare``); ``fmgen.data`` streams shards.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 
 from PIL import Image
 
-from fmgen.errors import FmgenError
+from fmgen.base import FmgenError
 
 log = logging.getLogger("fmgen.data")
 

@@ -1,4 +1,6 @@
-"""A small classifier of real digits, used to judge samples and as a small FID feature network.
+"""The digits judge: a small classifier of real digits that scores samples and serves as a small
+FID feature network (``digits-classifier``); ``digits_report`` is the ``eval.report: digits``
+end-of-training report.
 
 The classifier is a 3-layer CNN trained in seconds on 80% of scikit-learn's digits (prepared
 exactly like the training shards: upscaled to the training resolution) and checked on the held-out
@@ -19,7 +21,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-log = logging.getLogger("fmgen.quality")
+from fmgen.config import Config, sampling_spec
+from fmgen.data import digits_images
+from fmgen.eval.features import FeatureSpec, register_feature_network
+from fmgen.eval.fid import fids_against
+from fmgen.eval.generate import generate
+from fmgen.models.autoencoder import Autoencoder
+
+log = logging.getLogger("fmgen.eval.digits")
 
 CLASSIFIER_VERSION = 1
 
@@ -93,8 +102,6 @@ def split_indices(
 
 def real_digits(resolution: int, channels: int = 1) -> tuple[Tensor, Tensor]:
     """All 1797 digits prepared like the training shards: (N, C, R, R) in [-1, 1], labels (N,)."""
-    from fmgen.data import digits_images
-
     images, labels = digits_images(resolution=resolution, channels=channels)  # uint8 (N, R, R[, C])
     x = torch.from_numpy(np.ascontiguousarray(images)).float()
     x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
@@ -155,68 +162,93 @@ def classify(classifier: nn.Module, images: Tensor, batch: int = 1024) -> Tensor
     )
 
 
-def digits_quality_report(
-    model: Any, path: Any, cfg: Any, *, device: Any = "cpu"
-) -> dict[str, Any]:
+def digits_spec(clf: TrainedClassifier, channels: int) -> FeatureSpec:
+    """The FID feature spec of a trained digits classifier."""
+    return FeatureSpec(
+        "digits-classifier", FeatureNet(clf.model), clf.weights_hash, "none (native resolution)",
+        channels,
+    )  # fmt: skip
+
+
+def _digits_feature_network(
+    *, resolution: int, channels: int, cache_dir: Path | None = None, **_: Any
+) -> FeatureSpec:
+    return digits_spec(train_digits_classifier(resolution, channels, cache_dir=cache_dir), channels)
+
+
+register_feature_network("digits-classifier", _digits_feature_network)
+
+
+def digits_report(
+    model: Any, path: Any, cfg: Config, *, autoencoder: Autoencoder | None = None,
+    device: Any = "cpu",
+) -> dict[str, Any]:  # fmt: skip
     """Guided samples' accuracy and unconditional samples' class coverage, judged by the classifier.
 
     Bars (the default job's acceptance): classifier held-out accuracy >= 0.95, guided accuracy
-    >= 0.97, unconditional samples cover all classes with none above 20%.
+    >= 0.97 (class-conditional models), unconditional samples cover all classes with none above
+    20%. Samples use the config's sampling options (guidance for the guided ones, none for the
+    unconditional ones).
     """
-    from fmgen.generate import generate
-
     clf = train_digits_classifier(
         cfg.data.resolution, cfg.data.channels, cache_dir=Path(cfg.train.run_dir) / "cache"
     )
-    n_per = max(1, cfg.eval.quality_samples // model.num_classes)
-    labels = torch.arange(model.num_classes).repeat_interleave(n_per)
-    common = dict(sampler=cfg.sample.sampler, steps=cfg.sample.steps, sde_sigma=cfg.sample.sde_sigma,
-                  t_start=cfg.sample.t_start, time_grid=cfg.sample.time_grid, device=device)  # fmt: skip
-    guided = generate(
-        model, path, num=len(labels), labels=labels, guidance=cfg.sample.guidance, seed=1, **common
-    )
-    pred = classify(clf.model, guided)
-    guided_acc = float((pred == labels).float().mean())
-    uncond = generate(
-        model, path, num=cfg.eval.quality_samples,
-        labels=torch.full((cfg.eval.quality_samples,), model.null_label) if model.conditional else None,
-        guidance=1.0, seed=2, **common,
-    )  # fmt: skip
-    counts = torch.bincount(classify(clf.model, uncond), minlength=model.num_classes).float()
+    spec = sampling_spec(cfg)
+    num_classes = clf.model.meta["num_classes"]
+    n = cfg.eval.report_samples
+    common = dict(device=device, autoencoder=autoencoder)
+    report: dict[str, Any] = {"classifier_heldout_accuracy": clf.heldout_accuracy,
+                              "sampling": spec.to_dict()}  # fmt: skip
+    guided = None
+    if model.conditional:
+        n_per = max(1, n // model.num_classes)
+        labels = torch.arange(model.num_classes).repeat_interleave(n_per)
+        guided = generate(model, path, spec, num=len(labels), cond=labels, seed=1, **common)
+        pred = classify(clf.model, guided)
+        report["guided_accuracy"] = float((pred == labels).float().mean())
+        report["guided_samples"] = len(labels)
+    null = model.conditioning.null(n)
+    uncond = generate(model, path, spec.replace(guidance=1.0), num=n, cond=null, seed=2, **common)
+    counts = torch.bincount(classify(clf.model, uncond), minlength=num_classes).float()
     frac = (counts / counts.sum()).tolist()
-    report = {
-        "classifier_heldout_accuracy": clf.heldout_accuracy,
-        "guided_accuracy": guided_acc,
-        "guidance": cfg.sample.guidance,
-        "sampler": cfg.sample.sampler,
-        "steps": cfg.sample.steps,
-        "guided_samples": len(labels),
-        "unconditional_samples": cfg.eval.quality_samples,
+    report.update({
+        "unconditional_samples": n,
         "unconditional_class_fractions": [round(f, 4) for f in frac],
         "unconditional_max_fraction": max(frac),
         "unconditional_classes_covered": int((counts > 0).sum()),
-    }
+    })  # fmt: skip
     # FID with this classifier's features: samples vs the training split, next to the floor
     # (a held-out real split vs the training split), with the same number of images on both.
-    from fmgen.evaluate import digits_spec, fids_against
-
     x, _ = real_digits(cfg.data.resolution, cfg.data.channels)
     tr, te = split_indices(len(x), 0.2, 0)
-    n = min(len(te), len(guided))
-    pick = torch.randperm(len(guided), generator=torch.Generator().manual_seed(0))[:n]
-    fids = fids_against(
-        x[tr],
-        {"guided": guided[pick], "unconditional": uncond[:n], "heldout": x[te][:n]},
-        digits_spec(clf, cfg.data.channels),
-    )
-    report["fid_guided_vs_train"] = fids["guided"]
-    report["fid_unconditional_vs_train"] = fids["unconditional"]
-    report["fid_heldout_vs_train"] = fids["heldout"]
-    report["fid_samples"] = n
+    k = min(len(te), n if guided is None else len(guided))
+    fakes = {"unconditional": uncond[:k], "heldout": x[te][:k]}
+    if guided is not None:
+        pick = torch.randperm(len(guided), generator=torch.Generator().manual_seed(0))[:k]
+        fakes["guided"] = guided[pick]
+    fids = fids_against(x[tr], fakes, digits_spec(clf, cfg.data.channels))
+    for name, value in fids.items():
+        report[f"fid_{name}_vs_train"] = value
+    report["fid_samples"] = k
     report["passed"] = bool(
         report["classifier_heldout_accuracy"] >= 0.95
-        and guided_acc >= 0.97
-        and report["unconditional_classes_covered"] == model.num_classes
+        and report.get("guided_accuracy", 1.0) >= 0.97
+        and report["unconditional_classes_covered"] == num_classes
         and report["unconditional_max_fraction"] <= 0.20
     )
     return report
+
+
+def digits_report_lines(q: dict[str, Any]) -> list[str]:
+    """The report as the lines ``train.py`` prints at the end."""
+    guided = f"guided accuracy {q['guided_accuracy']:.3f}, " if "guided_accuracy" in q else ""
+    fid_guided = (f"guided samples {q['fid_guided_vs_train']:.2f}; "
+                  if "fid_guided_vs_train" in q else "")  # fmt: skip
+    return [
+        f"quality: classifier held-out accuracy {q['classifier_heldout_accuracy']:.3f}, {guided}"
+        f"unconditional max class fraction {q['unconditional_max_fraction']:.3f}, classes covered "
+        f"{q['unconditional_classes_covered']}: {'PASS' if q['passed'] else 'FAIL'}",
+        f"FID (digits-classifier features, {q['fid_samples']} images each, vs the train split): "
+        f"unconditional samples {q['fid_unconditional_vs_train']:.2f}, {fid_guided}floor "
+        f"(held-out real split) {q['fid_heldout_vs_train']:.2f}",
+    ]

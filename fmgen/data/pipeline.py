@@ -18,10 +18,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fmgen.config import DataConfig
-from fmgen.data import DataError, ShardLoader, prepare, read_manifest
+from fmgen.config import ConfigError, DataConfig
+from fmgen.data.loader import ShardLoader
+from fmgen.data.shards import DataError, read_manifest
+from fmgen.data.sources import SOURCES, prepare
 
-log = logging.getLogger("fmgen.train_data")
+log = logging.getLogger("fmgen.data.pipeline")
+
+
+DATA_SOURCES = (*SOURCES, "shards")
+"""Values of ``data.source``: a source ``prepare`` reads, or shards prepared already."""
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """The data options that the config schema cannot check (their registry lives here)."""
+    if cfg.source not in DATA_SOURCES:
+        raise ConfigError(
+            f"data.source: {cfg.source!r} is not valid; choose one of: "
+            f"{', '.join(map(repr, DATA_SOURCES))}"
+        )
 
 
 def ensure_shards(cfg: DataConfig) -> Path:

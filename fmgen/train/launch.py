@@ -3,7 +3,7 @@
 Run once per node (``srun --ntasks-per-node=1``); each node's launcher starts that node's
 training processes::
 
-    python -m fmgen.launch [--print] [--gpus-per-node N] [--mixed-precision X] -- train.py --config c.yaml a.b=1
+    python -m fmgen.train.launch [--print] [--gpus-per-node N] -- train.py --config c.yaml a.b=1
 
 Topology comes from the SLURM environment: nodes ``SLURM_NNODES`` (or ``SLURM_JOB_NUM_NODES``),
 this node's rank ``SLURM_NODEID``, the main process on the first host of ``SLURM_JOB_NODELIST``,
@@ -155,10 +155,11 @@ def topology_from_env(
     return Topology(nodes, rank, ip, port, gpus_per_node, procs)
 
 
-def accelerate_command(
-    topo: Topology, script_and_args: Sequence[str], mixed_precision: str | None = None
-) -> list[str]:
-    """The ``accelerate launch ...`` argv for this node; the script and its args verbatim."""
+def accelerate_command(topo: Topology, script_and_args: Sequence[str]) -> list[str]:
+    """The ``accelerate launch ...`` argv for this node; the script and its args verbatim.
+
+    No mixed-precision flag: train.py takes it from its config (``train.mixed_precision``).
+    """
     cmd = ["accelerate", "launch"]
     if topo.gpus_per_node == 0 and topo.num_processes == 1:
         cmd += ["--cpu"]
@@ -181,24 +182,21 @@ def accelerate_command(
     if topo.num_machines > 1:
         # static rendezvous: every node knows its rank and the main node's address
         cmd += ["--rdzv_backend", "static", "--same_network"]
-    if mixed_precision:
-        cmd += ["--mixed_precision", mixed_precision]
     cmd += ["--dynamo_backend", "no"]
     return cmd + list(script_and_args)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m fmgen.launch",
+        prog="python -m fmgen.train.launch",
         description="Run `accelerate launch SCRIPT ARGS` for this node of the SLURM allocation.",
-        usage="python -m fmgen.launch [options] -- train.py --config CFG [key=value ...]",
+        usage="python -m fmgen.train.launch [options] -- train.py --config CFG [key=value ...]",
     )
     p.add_argument("--print", action="store_true", help="print the command instead of running it")
     p.add_argument("--gpus-per-node", type=int, default=None, help="0 = CPU (overrides the env)")
     p.add_argument(
         "--cpu-procs-per-node", type=int, default=1, help="processes per node on CPU (default 1)"
     )
-    p.add_argument("--mixed-precision", default=None, help="passed to accelerate (no|fp16|bf16)")
     return p
 
 
@@ -213,11 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not script:
         parser().error("nothing to launch: give `-- SCRIPT [ARGS ...]`")
     topo = topology_from_env(os.environ, args.gpus_per_node, args.cpu_procs_per_node)
-    cmd = accelerate_command(topo, script, args.mixed_precision)
+    cmd = accelerate_command(topo, script)
     if args.print:
         print(shlex.join(cmd))
         return 0
-    print(f"fmgen.launch: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    print(f"fmgen.train.launch: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited by the launchers; see the docstring
     os.execvp(cmd[0], cmd)
     return 127  # pragma: no cover

@@ -15,7 +15,7 @@ from typing import Any
 
 from fmgen.config import LoggingConfig
 
-log = logging.getLogger("fmgen.tracking")
+log = logging.getLogger("fmgen.train.tracking")
 
 
 class Tracker:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fmgen.paths import GaussianPath, check_prediction_type, expand_time
+from fmgen.core.paths import GaussianPath, check_prediction_type, expand_time
 
 TIME_SAMPLINGS = ("uniform", "logit-normal")
 DSM_WEIGHTINGS = ("beta2", "none", "snr")
@@ -94,17 +94,6 @@ def sample_time(
     return (t_min + (t_max - t_min) * u).clamp(t_min, t_max)  # clamp: rounding of the affine map
 
 
-def _convert(pred: Tensor, x: Tensor, t: Tensor, path: GaussianPath, src: str, dst: str) -> Tensor:
-    """path.convert, except eps -> score uses score = -eps / beta directly.
-
-    The generic conversion goes through D = (x - beta eps) / alpha, which is 0/0 at alpha = 0
-    (t = 0 on linear and vp-cosine) although the direct formula is finite there.
-    """
-    if src == "eps" and dst == "score":
-        return path.score_from_eps(pred, x, t)
-    return path.convert(pred, x, t, src, dst)
-
-
 def _predict(net: Callable, x: Tensor, t: Tensor, y: Tensor | None, path: GaussianPath, dst: str):
     src = prediction_type_of(net)
     pred = net(x, t) if y is None else net(x, t, y)
@@ -113,7 +102,7 @@ def _predict(net: Callable, x: Tensor, t: Tensor, y: Tensor | None, path: Gaussi
             f"the network returned shape {tuple(pred.shape)}; expected the input's {tuple(x.shape)}"
         )
     pred = pred.to(torch.promote_types(pred.dtype, x.dtype))  # autocast may return bf16
-    return _convert(pred, x.to(pred.dtype), t, path, src, dst)
+    return path.convert(pred, x.to(pred.dtype), t, src, dst)
 
 
 def cfm_loss(

@@ -1,9 +1,9 @@
 """The training loop: Accelerate, EMA, atomic checkpoints, exact resume, W&B.
 
-Read top to bottom: set-up, resume, the step loop, the end (export, grid, quality report).
+Read top to bottom: set-up, resume, the step loop, the end (export, grid, the config's report).
 Invariants that make a config mean the same on 1 or 64 processes:
 - ``train.batch_size`` is the global batch; per process it is batch / (processes x accum).
-- The noise (t, eps, label drop) of every step is drawn for the GLOBAL batch from one generator
+- The noise (t, eps, condition dropout) of every step is drawn for the GLOBAL batch from one generator
   seeded identically on every rank; each rank takes its slice, so the randomness does not
   depend on the number of processes.
 - Durations, warm-up, EMA half-life and cadences count images seen.
@@ -19,38 +19,46 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from fmgen.checkpoint import (
-    EXTRA_FILE,
-    check_resumable,
-    checkpoint_name,
+from fmgen.config import Config, ConfigError, make_path, sampling_spec, to_dict, to_yaml
+from fmgen.core.losses import get_loss, sample_time
+from fmgen.data import check_data_config, open_train_data
+from fmgen.eval import REPORTS, check_eval_config, fid_of_model, generate, save_grid
+from fmgen.models import (
+    Autoencoder,
+    Conditioning,
+    FlowModel,
+    build_autoencoder,
+    build_conditioning,
+    build_model,
+    check_model_config,
+    count_parameters,
     export_model,
-    find_checkpoint,
-    loader_file,
-    make_path,
-    save_checkpoint,
 )
-from fmgen.config import Config, ConfigError, to_dict, to_yaml
-from fmgen.errors import FmgenError
-from fmgen.losses import get_loss, sample_time
-from fmgen.models import FlowModel, build_unet, count_parameters, drop_labels, flat_gradient
-from fmgen.tracking import Tracker
-from fmgen.train_data import open_train_data
+from fmgen.models.store import EXTRA_FILE, checkpoint_name, find_checkpoint, loader_file
+from fmgen.train.checkpoint import check_resumable, save_checkpoint
+from fmgen.train.compile_check import check_compiled_gradients
+from fmgen.train.dist import any_rank, make_accelerator, mean_over_ranks
+from fmgen.train.errors import TrainingError
+from fmgen.train.tracking import Tracker
 
 log = logging.getLogger("fmgen.train")
 
 
-class TrainingError(FmgenError, RuntimeError):
-    """Training stopped for a reason the user must act on; the message says which."""
+def check_config(cfg: Config) -> None:
+    """Every check of a config, including those of the layers above the schema (model.type and
+    its options, data.source, eval.feature_network, eval.report): train.py runs it before any
+    work, and --dry-run too."""
+    check_model_config(cfg)
+    check_data_config(cfg.data)
+    check_eval_config(cfg)
 
 
 @dataclass
@@ -71,7 +79,8 @@ class TrainResult:
     checkpoint: Path | None
     export_dir: Path | None
     grid: Path | None
-    quality: dict[str, Any] | None
+    report: dict[str, Any] | None  # the eval.report's result (None: no report)
+    report_lines: list[str] = field(default_factory=list)
     images_per_s: float = float("nan")  # steady state: after the first steps, before the end
     peak_memory_gb: float = float("nan")  # CUDA only
 
@@ -93,19 +102,6 @@ class _StopFlag:
         return old
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any rank (one explicit all-reduce)."""
-    if not _distributed():
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def ema_decay(cfg: Config) -> float:
     """Per-step decay for a half-life counted in images: 0.5 ** (batch / half_life)."""
     return 0.5 ** (cfg.train.batch_size / cfg.ema.half_life_images)
@@ -121,11 +117,12 @@ def ema_model_copy(model: FlowModel, ema: EMAModel) -> FlowModel:
 def draw_noise(
     gen: torch.Generator,
     cfg: Config,
+    conditioning: Conditioning,
     global_batch: int,
     shape: tuple[int, ...],
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """t (G,), eps (G, C, H, W), label-drop mask (G,) for the global micro-batch G."""
+    """t (G,), eps (G, C, H, W), condition-drop mask (G,) for the global micro-batch G."""
     t = sample_time(
         global_batch,
         cfg.loss.time_sampling,
@@ -137,13 +134,14 @@ def draw_noise(
         scale=cfg.loss.scale,
     )
     eps = torch.randn((global_batch, *shape), generator=gen, device=device)
-    drop = torch.rand(global_batch, generator=gen, device=device) < cfg.model.p_uncond
+    drop = conditioning.dropout_mask(gen, global_batch, device)
     return t, eps, drop
 
 
 def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     """Train a model as the config says; returns where the results are."""
-    accelerator = _make_accelerator(cfg)
+    check_config(cfg)
+    accelerator = make_accelerator(cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -181,19 +179,15 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
         main=main,
         barrier=accelerator.wait_for_everyone,
     )
-    num_classes, class_names = data.num_classes, data.class_names
+    class_names = data.class_names
 
     # --- model, EMA, optimizer ---
     path = make_path(cfg)
     loss_fn = get_loss(cfg.loss.name)
     loss_kwargs = {"weighting": cfg.loss.weighting} if cfg.loss.name == "dsm" else {}
-    unet = build_unet(
-        cfg.model,
-        resolution=cfg.data.resolution,
-        channels=cfg.data.channels,
-        num_classes=num_classes,
-    )
-    model = FlowModel(unet, cfg.model.prediction_type, num_classes).to(device)
+    autoencoder = build_autoencoder(cfg)
+    conditioning = build_conditioning(cfg, data.num_classes)
+    model = build_model(cfg, conditioning, autoencoder).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMAModel(model.parameters(), decay=ema_decay(cfg), use_ema_warmup=False, min_decay=0.0)
@@ -248,9 +242,9 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
             count_parameters(model) / 1e6, cfg.path.name, cfg.loss.name, cfg.model.prediction_type,
         )  # fmt: skip
 
-    sample_shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    sample_shape = model.sample_shape
     if cfg.train.compile and cfg.train.compile_check:
-        _check_compiled_gradients(
+        check_compiled_gradients(
             cfg, accelerator, model, net, lambda m, **kw: loss_fn(m, path=path, **kw, **loss_kwargs),
             (per_proc, *sample_shape),
         )  # fmt: skip
@@ -277,9 +271,11 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
             for micro in range(accum):
                 z, y = next(batches)  # (b, C, H, W) in [-1, 1], (b,)
                 z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                t, eps, drop = draw_noise(gen, cfg, micro_global, sample_shape, device)
+                t, eps, drop = draw_noise(
+                    gen, cfg, conditioning, micro_global, sample_shape, device
+                )
                 mine = slice(rank * per_proc, (rank + 1) * per_proc)
-                y_in = drop_labels(y, drop[mine], model.null_label) if model.conditional else None
+                y_in = conditioning.for_training(y, drop[mine])
                 if cfg.train.channels_last:
                     z = z.contiguous(memory_format=torch.channels_last)
                 with accelerator.autocast():
@@ -287,7 +283,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
                         net, z, path, t=t[mine], eps=eps[mine], y=y_in, **loss_kwargs
                     )
                 loss = per_sample.float().mean()
-                if _any_rank(not bool(torch.isfinite(loss)), device):
+                if any_rank(not bool(torch.isfinite(loss)), device):
                     bad = True  # every rank skips together, so DDP stays in step
                     break
                 last = micro == accum - 1
@@ -338,7 +334,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
 
             if state.step % cfg.train.log_every_steps == 0 or state.step == total_steps:
                 elapsed = time.perf_counter() - window_t0
-                mean_loss = _mean_over_ranks(window_loss / max(1, window_n), device)
+                mean_loss = mean_over_ranks(window_loss / max(1, window_n), device)
                 scalars = {
                     "train/loss": mean_loss,
                     "train/lr": lr,
@@ -367,17 +363,17 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
                 and state.images % every < cfg.train.batch_size
                 and state.step < total_steps
             ):
-                grid = _sample_grid(
-                    cfg, ema_model_copy(model, ema), path, class_names, run_dir, state.step, device
-                )
+                grid = _sample_grid(cfg, ema_model_copy(model, ema), path, autoencoder, class_names,
+                                    run_dir / "samples" / f"{checkpoint_name(state.step)}.png", device)  # fmt: skip
                 tracker.log_image("samples/grid", grid, step=state.step)
             every = cfg.eval.fid_every_images
             if every and state.images % every < cfg.train.batch_size:
-                _fid_during_training(
-                    cfg, accelerator, ema_model_copy(model, ema), path, data, tracker, state
-                )
+                record = fid_of_model(ema_model_copy(model, ema), path, cfg, step=state.step,
+                                      weights="ema", autoencoder=autoencoder, accelerator=accelerator)  # fmt: skip
+                if main:
+                    tracker.log({"eval/fid": record["fid"]}, step=state.step)
 
-            stopping = _any_rank(stop.set, device)
+            stopping = any_rank(stop.set, device)
             due = state.images % cfg.train.checkpoint_every_images < cfg.train.batch_size
             if stopping or due or state.step == total_steps:
                 extra = {
@@ -410,151 +406,47 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     images_per_s = steady_images / (steady_t1 - steady_t0) if steady_images else float("nan")
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
-    # --- the end: export, a sample grid, the quality report ---
-    export_dir = grid_path = quality = None
+    # --- the end: export, a sample grid, the config's report ---
+    export_dir = grid_path = report = None
+    lines: list[str] = []
     if main:
         final = ema_model_copy(model, ema)
         export_dir = run_dir / "export"
-        export_model(final, cfg, export_dir, class_names=class_names, step=state.step)
-        grid_path = _sample_grid(
-            cfg, final, path, class_names, run_dir, state.step, device, name="final"
-        )
+        export_model(final, cfg, export_dir, autoencoder=autoencoder, class_names=class_names,
+                     step=state.step)  # fmt: skip
+        grid_path = _sample_grid(cfg, final, path, autoencoder, class_names,
+                                 run_dir / "samples" / "final.png", device)  # fmt: skip
         tracker.log_image("samples/grid", grid_path, step=state.step)
-        if cfg.eval.quality_check and cfg.data.source == "digits":
-            from fmgen.quality import digits_quality_report
-
-            quality = digits_quality_report(final, path, cfg, device=device)
+        if cfg.eval.report:
+            judge = REPORTS[cfg.eval.report]
+            report = judge.run(final, path, cfg, autoencoder=autoencoder, device=device)
+            lines = judge.lines(report)
             (run_dir / "eval").mkdir(exist_ok=True)
-            (run_dir / "eval" / "quality.json").write_text(
-                json.dumps({**quality, "step": state.step}, indent=2)
+            (run_dir / "eval" / f"{judge.name}.json").write_text(
+                json.dumps({**report, "step": state.step}, indent=2)
             )
             tracker.log(
-                {f"quality/{k}": v for k, v in quality.items() if isinstance(v, (int, float))},
+                {f"{judge.name}/{k}": v for k, v in report.items() if isinstance(v, (int, float))},
                 step=state.step,
             )
-            log.info("digits quality: %s", quality)
+            log.info("%s report: %s", judge.name, report)
     accelerator.wait_for_everyone()
     tracker.finish()
     return TrainResult(
-        run_dir, state.step, state.images, False, last_ckpt, export_dir, grid_path, quality,
-        images_per_s, peak_gb,
+        run_dir, state.step, state.images, False, last_ckpt, export_dir, grid_path, report,
+        lines, images_per_s, peak_gb,
     )  # fmt: skip
-
-
-def _make_accelerator(cfg: Config) -> Accelerator:
-    """An Accelerator for this run, whatever an earlier run in the same process asked for."""
-    from accelerate.state import AcceleratorState
-
-    # Accelerate keeps its settings in a process-wide singleton and refuses a second Accelerator
-    # with another mixed precision (a notebook, a sweep or a test session calling train() twice).
-    # A finished run leaves nothing there worth keeping; the process group (PartialState) stays.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    cuda = torch.cuda.is_available()
-    if cfg.train.mixed_precision == "fp16" and not cuda:
-        log.warning(
-            "train.mixed_precision=fp16 needs a GPU: without one Accelerate trains in fp32; "
-            "use bf16 for mixed precision on a CPU"
-        )
-    # Without CUDA, Accelerate joins torchrun's processes (gloo) only when asked for CPU mode;
-    # otherwise every process would train alone into the same run folder.
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not cuda)
-
-
-def _check_compiled_gradients(
-    cfg: Config, accelerator: Accelerator, model: FlowModel, net: Any, loss: Any,
-    shape: tuple[int, ...],
-) -> None:  # fmt: skip
-    """Refuse to train if torch.compile's gradients differ from eager execution.
-
-    A compiler bug trains a wrong model silently; one extra backward pass at start-up catches
-    it. (torch 2.13's CPU inductor fuses this U-Net's backward wrongly: gradients 20-60% off.)
-    The check runs on a synthetic batch from its own generator, so the data stream and the
-    training noise are untouched, and in train mode unless dropout would make the two
-    passes draw different masks.
-    """
-    device = accelerator.device
-    g = torch.Generator(device=device).manual_seed(cfg.train.seed + 12345)
-    z = torch.rand(shape, generator=g, device=device) * 2 - 1  # (b, C, H, W)
-    if cfg.train.channels_last:
-        z = z.contiguous(memory_format=torch.channels_last)
-    t = torch.rand(shape[0], generator=g, device=device)
-    eps = torch.randn(shape, generator=g, device=device)
-    y = None
-    if model.conditional:
-        y = torch.randint(0, model.num_classes + 1, (shape[0],), generator=g, device=device)
-
-    def loss_of(m: Any, autocast: bool = True) -> Any:
-        def value() -> torch.Tensor:
-            with accelerator.autocast() if autocast else contextlib.nullcontext():
-                return loss(m, z=z, t=t, eps=eps, y=y).float().mean()
-
-        return value
-
-    def gap(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-    def fp32(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        # the class's forward: prepare() patches autocast into the instance's under bf16/fp16
-        return FlowModel.forward(model, x, t, y)
-
-    fp32.prediction_type = model.prediction_type  # type: ignore[attr-defined]
-
-    stochastic = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
-    model.train(not stochastic)
-    params = list(model.parameters())
-    with accelerator.no_sync(net):  # local gradients only: no all-reduce for a check
-        exact = flat_gradient(params, loss_of(fp32, autocast=False))
-        compiled = gap(flat_gradient(params, loss_of(net)), exact)
-        # bf16/fp16 gradients are a few % off fp32 anyway; the compiled ones may be off by at
-        # most twice what eager mixed precision is (measured: 2.6% for both in bf16).
-        rounding = 0.0
-        if cfg.train.mixed_precision != "no":
-            rounding = gap(flat_gradient(params, loss_of(model)), exact)
-    model.train()
-    tol = 1e-3 + 2 * rounding
-    if _any_rank(not compiled <= tol, device):
-        raise TrainingError(
-            f"torch.compile gives gradients {compiled:.1%} away from eager fp32 execution "
-            f"(tolerance {tol:.1%}) with torch {torch.__version__} on {device.type}: a compiler "
-            f"bug would train a wrong model. Train with train.compile=false, or another torch "
-            f"version"
-        )
-    log.info(
-        "torch.compile gradients match eager execution: %.1e from fp32 (tolerance %.1e)",
-        compiled, tol,
-    )  # fmt: skip
-
-
-def _mean_over_ranks(value: float, device: torch.device) -> float:
-    if not _distributed():
-        return value
-    t = torch.tensor([value], device=device, dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
 
 
 def _sample_grid(
-    cfg: Config, model: FlowModel, path: Any, class_names: list[str], run_dir: Path, step: int,
-    device: torch.device, name: str | None = None,
+    cfg: Config, model: FlowModel, path: Any, autoencoder: Autoencoder, class_names: list[str],
+    out: Path, device: torch.device,
 ) -> Path:  # fmt: skip
-    from fmgen.generate import generate, save_grid
-
+    """A grid of the config's sampling options: a row per class (conditional models)."""
     n = cfg.sample.per_class
-    labels = torch.arange(model.num_classes).repeat_interleave(n) if model.conditional else None
-    images = generate(
-        model, path, num=n * max(1, model.num_classes if model.conditional else 1), labels=labels,
-        sampler=cfg.sample.sampler, steps=cfg.sample.steps, guidance=cfg.sample.guidance,
-        sde_sigma=cfg.sample.sde_sigma, t_start=cfg.sample.t_start, seed=cfg.train.seed, device=device,
-    )  # fmt: skip
-    out = run_dir / "samples" / f"{name or checkpoint_name(step)}.png"
-    rows = class_names if model.conditional else None
-    save_grid(images, out, nrow=n, row_labels=rows)
+    conditional = model.conditional
+    labels = torch.arange(model.num_classes).repeat_interleave(n) if conditional else None
+    images = generate(model, path, sampling_spec(cfg), num=n * (model.num_classes if conditional else 1),
+                      cond=labels, seed=cfg.train.seed, device=device, autoencoder=autoencoder)  # fmt: skip
+    save_grid(images, out, nrow=n, row_labels=class_names if conditional else None)
     return out
-
-
-def _fid_during_training(cfg: Config, accelerator: Accelerator, model: FlowModel, path: Any, data: Any, tracker: Tracker, state: TrainState) -> None:  # fmt: skip
-    from fmgen.evaluate import fid_of_model
-
-    record = fid_of_model(model, path, cfg, accelerator=accelerator, step=state.step, weights="ema")
-    if accelerator.is_main_process:
-        tracker.log({"eval/fid": record["fid"]}, step=state.step)

@@ -1,8 +1,8 @@
 """Training data: a streaming loader over WebDataset shards whose position can be saved exactly.
 
-Shards and their manifest (format: ``fmgen.shards``) are written by ``prepare`` (``fmgen.sources``;
-re-exported here with the rest of the public data API, and run as ``python -m fmgen.data
-prepare ...``). ``ShardLoader`` reads them on each rank; its workers run ``fmgen.stream``:
+Shards and their manifest (format: ``fmgen.data.shards``) are written by ``prepare``
+(``fmgen.data.sources``; run as ``python -m fmgen.data prepare ...``). ``ShardLoader`` reads
+them on each rank; its workers run ``fmgen.data.stream``:
 
 * The stream of one rank is split into L = max(1, num_workers) *lanes*, one per DataLoader
   worker. A lane's stream is a sequence of epochs; epoch e of lane l on rank r draws its shard
@@ -42,18 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fmgen.shards import (
-    IMAGE_FORMATS,
-    MANIFEST,
-    DataError,
-    Example,
-    Manifest,
-    ShardInfo,
-    read_manifest,
-    write_shards,
-)
-from fmgen.sources import digits_images, fit_image, main, prepare, prepare_parser
-from fmgen.stream import (
+from fmgen.data.shards import MANIFEST, DataError, Manifest, read_manifest
+from fmgen.data.stream import (
     LaneDataset,
     LaneItem,
     LanePosition,
@@ -63,23 +53,6 @@ from fmgen.stream import (
     to_float,
     worker_init,
 )
-
-__all__ = [
-    "IMAGE_FORMATS",
-    "DataError",
-    "Example",
-    "Manifest",
-    "ShardInfo",
-    "ShardLoader",
-    "digits_images",
-    "fit_image",
-    "main",
-    "prepare",
-    "prepare_parser",
-    "read_manifest",
-    "to_float",
-    "write_shards",
-]
 
 log = logging.getLogger("fmgen.data")
 
@@ -387,7 +360,3 @@ class ShardLoader:
             shutdown = getattr(items, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""The command line: argument parsing and the error boundary. Nothing in fmgen imports it.
+
+``train.py``, ``sample.py``, ``python -m fmgen.evaluate``, ``python -m fmgen.data prepare`` and the
+``fmgen`` command land here. Errors a user can fix (``FmgenError``: a bad config, missing data,
+an incompatible checkpoint) print one line and exit with status 2, never a traceback from deep
+inside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fmgen.base import FmgenError
+from fmgen.core import SAMPLERS, TIME_GRIDS, SamplingSpec
+
+
+def run_guarded(fn: Callable[[], int]) -> int:
+    """Run a command; an FmgenError becomes ``error: MESSAGE`` on stderr and exit status 2."""
+    try:
+        return fn()
+    except FmgenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The options of a ``SamplingSpec``; each defaults to the checkpoint config's."""
+    g = p.add_argument_group("sampling (default: the checkpoint config's sample.* options)")
+    g.add_argument("--sampler", choices=tuple(SAMPLERS), default=None, help="the solver")
+    g.add_argument("--steps", type=int, default=None, help="solver steps")
+    g.add_argument(
+        "--time-grid",
+        choices=TIME_GRIDS,
+        default=None,
+        help="time steps uniform in t, or EDM (Karras) spacing in sigma = beta / alpha",
+    )
+    g.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale: 1 = the conditional model alone (no guidance), "
+        "0 = the unconditional model, > 1 = stronger class adherence",
+    )
+    g.add_argument(
+        "--sde-sigma", type=float, default=None, help="SDE noise scale: sigma_t = s * beta_t"
+    )
+    g.add_argument("--t-start", type=float, default=None, help="first time of the grid (0 = noise)")
+
+
+_SPEC_FLAGS = {"sampler": "sampler", "steps": "steps", "grid": "time_grid",
+               "guidance": "guidance", "sde_sigma": "sde_sigma", "t_start": "t_start"}  # fmt: skip
+
+
+def spec_from_args(base: SamplingSpec, args: Any) -> SamplingSpec:
+    """``base`` with the sampling options given on the command line; a bad value names its flag."""
+    spec = base
+    for field, attr in _SPEC_FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is None:
+            continue
+        try:
+            spec = spec.replace(**{field: value})
+        except ValueError as e:
+            raise FmgenError(f"--{attr.replace('_', '-')} {value}: {e}") from None
+    return spec
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fmgen train|sample|eval|prepare ...``"""
+    from fmgen.cli.evaluate import main as eval_main
+    from fmgen.cli.prepare import main as prepare_main
+    from fmgen.cli.sample import main as sample_main
+    from fmgen.cli.train import main as train_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": train_main, "sample": sample_main, "eval": eval_main,
+                "prepare": prepare_main}  # fmt: skip
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(
+            f"usage: fmgen {{{','.join(commands)}}} [options]   (fmgen COMMAND --help for details)"
+        )
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return commands[argv[0]](argv[1:])

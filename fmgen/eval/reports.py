@@ -1,0 +1,59 @@
+"""End-of-training reports, selected by ``eval.report`` (e.g. ``digits`` in configs/digits.yaml).
+
+A report judges the final EMA model and returns a JSON-able dict (written to
+``RUN_DIR/eval/<report>.json`` by training) plus the lines the command line prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fmgen.config import Config, ConfigError
+from fmgen.eval.digits import digits_report, digits_report_lines
+from fmgen.eval.features import FEATURE_NETWORKS
+
+
+@dataclass(frozen=True)
+class Report:
+    """``run(model, path, cfg, *, autoencoder, device) -> dict``; ``lines(result) -> [str]``.
+
+    ``data_sources``: the ``data.source`` values the report can judge (empty: any).
+    """
+
+    name: str
+    run: Callable[..., dict[str, Any]]
+    lines: Callable[[dict[str, Any]], list[str]]
+    data_sources: tuple[str, ...] = ()
+
+
+REPORTS: dict[str, Report] = {
+    "digits": Report("digits", digits_report, digits_report_lines, data_sources=("digits",)),
+}
+
+
+def check_eval_config(cfg: Config) -> None:
+    """The eval options whose registries live in this layer."""
+    if cfg.eval.feature_network not in FEATURE_NETWORKS:
+        raise ConfigError(
+            f"eval.feature_network: {cfg.eval.feature_network!r} is not valid; choose one of: "
+            f"{', '.join(map(repr, FEATURE_NETWORKS))}"
+        )
+    if not cfg.eval.report:
+        return
+    if cfg.eval.report not in REPORTS:
+        raise ConfigError(
+            f"eval.report: {cfg.eval.report!r} is not valid; choose one of: "
+            f"{', '.join(map(repr, ['', *REPORTS]))} ('' = no report)"
+        )
+    report = REPORTS[cfg.eval.report]
+    if report.data_sources and cfg.data.source not in report.data_sources:
+        raise ConfigError(
+            f"eval.report={report.name!r} judges data.source "
+            f"{' or '.join(report.data_sources)}, not {cfg.data.source!r}; set eval.report=''"
+        )
+
+
+def run_report(name: str, model: Any, path: Any, cfg: Config, **kwargs: Any) -> dict[str, Any]:
+    return REPORTS[name].run(model, path, cfg, **kwargs)

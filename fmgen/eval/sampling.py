@@ -1,0 +1,128 @@
+"""The work of ``sample.py``: which samples to draw, split across processes, written to disk.
+
+``sample_request`` turns the user's choice (labels, per-class grid, N unconditional) into the
+conditions of every sample; ``draw_samples`` generates them in noise blocks, each process taking
+every world-th block (same images as one process), and writes the grid and per-sample files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fmgen.core.sampling import SamplingSpec
+from fmgen.eval.generate import NOISE_BLOCK, SampleError, generate
+from fmgen.eval.images import merge_npz_parts, save_grid, save_samples
+from fmgen.models.store import LoadedModel
+
+
+@dataclass
+class SampleRequest:
+    """The conditions of every sample (None: unconditional) and how the grid is laid out."""
+
+    num: int
+    cond: Tensor | None
+    per_class: int | None  # grid rows are classes when set
+
+
+def parse_labels(text: str, num_classes: int) -> Tensor:
+    """``"3,3,7"`` -> tensor([3, 3, 7]), each checked against the model's classes."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SampleError(
+            f"--labels {text!r}: expected comma-separated class indices like 3,3,7"
+        ) from None
+    for v in values:
+        if not 0 <= v < num_classes:
+            raise SampleError(f"--labels: class {v} is outside 0..{num_classes - 1}")
+    if not values:
+        raise SampleError("--labels is empty; give class indices like 3,3,7")
+    return torch.tensor(values)
+
+
+def sample_request(
+    loaded: LoadedModel, *, labels: str | None = None, num_samples: int | None = None,
+    per_class: int | None = None,
+) -> SampleRequest:  # fmt: skip
+    """Labels ("3,3,7"), N unconditional samples, or N per class (the default grid)."""
+    model = loaded.model
+    if labels:
+        if not model.conditional:
+            raise SampleError("--labels given, but this model is unconditional; use --num-samples")
+        cond = parse_labels(labels, model.num_classes)
+        return SampleRequest(len(cond), cond, None)
+    if num_samples is not None:
+        if num_samples <= 0:
+            raise SampleError(f"--num-samples must be > 0; got {num_samples}")
+        return SampleRequest(num_samples, model.conditioning.null(num_samples), None)
+    n = loaded.config.sample.per_class if per_class is None else per_class
+    if n <= 0:
+        raise SampleError(f"--per-class must be > 0; got {n}")
+    if model.conditional:
+        cond = torch.arange(model.num_classes).repeat_interleave(n)
+        return SampleRequest(len(cond), cond, n)
+    return SampleRequest(n * n, None, None)
+
+
+def draw_samples(
+    loaded: LoadedModel, spec: SamplingSpec, request: SampleRequest, *, state: Any,
+    device: torch.device, seed: int = 0, precision: str = "fp32", grid: Path | None = None,
+    grid_max: int = 400, out_dir: Path | None = None, fmt: str = "png",
+) -> list[str]:  # fmt: skip
+    """Generate the request's samples on this process's blocks; write the outputs.
+
+    ``state`` is Accelerate's ``PartialState`` (process index and count). Returns, on the main
+    process, one line per output written.
+    """
+    autocast = contextlib.nullcontext()
+    if precision != "fp32":
+        dt = torch.bfloat16 if precision == "bf16" else torch.float16
+        autocast = torch.autocast(device_type=device.type, dtype=dt)
+    num, cond = request.num, request.cond
+    blocks = range(state.process_index, math.ceil(num / NOISE_BLOCK), state.num_processes)
+    first: Tensor | None = None
+    with autocast:
+        for b in tqdm(blocks, disable=not state.is_main_process or len(blocks) < 2, desc="blocks"):
+            s = b * NOISE_BLOCK
+            n = min(NOISE_BLOCK, num - s)
+            c = cond[s : s + n] if cond is not None else None
+            images = generate(loaded.model, loaded.path, spec, num=n, cond=c, start=s, seed=seed,
+                              device=device, autoencoder=loaded.autoencoder,
+                              progress=state.is_main_process)  # fmt: skip
+            if out_dir is not None:
+                save_samples(images, c if loaded.model.conditional else None, out_dir, start=s,
+                             fmt=fmt)  # fmt: skip
+            if b == 0:
+                first = images
+    grid = grid or Path(loaded.source) / "samples" / "grid.png"
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return []
+    lines = []
+    if first is not None:
+        k = min(len(first), grid_max)
+        per_class = request.per_class
+        nrow = per_class or max(1, math.isqrt(k))
+        rows = None
+        if per_class and cond is not None:
+            rows = [
+                loaded.class_names[int(cond[r * per_class])]
+                for r in range(math.ceil(k / per_class))
+            ]
+        save_grid(first[:k], grid, nrow=nrow, row_labels=rows)
+        lines.append(f"grid: {grid} ({k} images, {spec.describe()}, {loaded.weights} weights, "
+                     f"step {loaded.step})")  # fmt: skip
+    if out_dir is not None:
+        if fmt == "npz":
+            lines.append(f"samples: {merge_npz_parts(out_dir)} ({num} images)")
+        else:
+            lines.append(f"samples: {out_dir} ({num} PNG files)")
+    return lines

@@ -1,0 +1,56 @@
+"""Models: backbones behind one registry, the prediction-type wrapper, conditioning, the
+autoencoder stage, and the run folder's model files (export, loading a checkpoint).
+
+Importing this package registers the built-in backbones (``unet``).
+"""
+
+from fmgen.models import unet as _unet  # noqa: F401  (registers model.type: unet)
+from fmgen.models.autoencoder import (
+    Autoencoder,
+    AutoencoderError,
+    IdentityAutoencoder,
+    build_autoencoder,
+)
+from fmgen.models.backbones import BACKBONES, BackboneSpec, get_backbone, register_backbone
+from fmgen.models.conditioning import (
+    ClassLabels,
+    ConditionError,
+    Conditioning,
+    Unconditional,
+    conditioning_from_dict,
+)
+from fmgen.models.flow import (
+    FlowModel,
+    build_conditioning,
+    build_model,
+    check_model_config,
+    count_parameters,
+    pixel_shape,
+)
+from fmgen.models.store import CheckpointError, LoadedModel, export_model, load_model
+
+__all__ = [
+    "BACKBONES",
+    "Autoencoder",
+    "AutoencoderError",
+    "BackboneSpec",
+    "CheckpointError",
+    "ClassLabels",
+    "ConditionError",
+    "Conditioning",
+    "FlowModel",
+    "IdentityAutoencoder",
+    "LoadedModel",
+    "Unconditional",
+    "build_autoencoder",
+    "build_conditioning",
+    "build_model",
+    "check_model_config",
+    "conditioning_from_dict",
+    "count_parameters",
+    "export_model",
+    "get_backbone",
+    "load_model",
+    "pixel_shape",
+    "register_backbone",
+]
