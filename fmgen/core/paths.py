@@ -14,7 +14,7 @@ schedule and its time derivatives. A network declares what it predicts, one of
 - ``x0``: the clean-data estimate D(x, t) = E[z | x_t = x] (named ``x0`` as in the diffusion
   literature; in this time convention the data sit at t = 1)
 
-All four are affine in D (see shared MATH.md), so any one converts into any other. The
+All four are affine in D (docs/math.md), so any one converts into any other. The
 conversions divide by alpha or beta and are singular at t = 0 or t = 1; callers keep t inside
 (0, 1) there (samplers end with an Euler step that never evaluates the field at t = 1).
 
@@ -151,7 +151,7 @@ class GaussianPath(ABC):
         beta = s.beta.flatten()
         return -sq / (2 * beta**2) - d * torch.log(beta) - 0.5 * d * math.log(2 * math.pi)
 
-    # --- conversions: direct formulas of MATH.md ---------------------------------------------
+    # --- conversions: direct formulas of docs/math.md ----------------------------------------
 
     def score_from_velocity(self, u: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """s = (alpha u - dalpha x) / (beta (dalpha beta - alpha dbeta))."""

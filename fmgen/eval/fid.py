@@ -1,6 +1,6 @@
 """FID with torchmetrics, and the protocol record that makes every number reproducible.
 
-Protocol choices (see PITFALLS): images reach the metric as uint8, rounded (not truncated) from
+Protocol choices (each one changes the number): images reach the metric as uint8, rounded (not truncated) from
 [-1, 1]; statistics are kept in float64; with the Inception network the resize to 299 uses
 ``antialias=False`` (the published-FID convention). Reference statistics are computed once from
 the WHOLE real set of the shards and cached in a file keyed by the data (manifest hash) and the
@@ -181,7 +181,7 @@ def fid_of_model(
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(model.parameters()).device
     conditional = model.conditional
-    labels = torch.arange(n) % model.num_classes if conditional else None  # classes balanced
+    labels = model.conditioning.balanced(n)
     share = np.array_split(np.arange(n), world)[rank]
     s, k = int(share[0]) if len(share) else 0, len(share)
     t0 = time.perf_counter()
@@ -217,7 +217,7 @@ def fid_of_model(
             "sampling": spec.to_dict(),
             "nfe": spec.nfe,
             "guidance": spec.guidance if conditional else None,
-            "labels": "balanced classes (i mod num_classes)" if conditional else "unconditional",
+            "conditions": "balanced (sample i: class i mod num_classes)" if conditional else "none",
             "weights": weights,
             "seed": seed,
             "checkpoint_step": step,

@@ -60,6 +60,10 @@ class Conditioning(ABC):
         return torch.rand(n, generator=generator, device=device) < self.p_drop
 
     @abstractmethod
+    def balanced(self, n: int) -> Tensor | None:
+        """Conditions of n evaluation samples that cover the conditions evenly (FID)."""
+
+    @abstractmethod
     def example(self, n: int, generator: torch.Generator, device: Any) -> Tensor | None:
         """n random valid model inputs (null ones included), for checks and benchmarks."""
 
@@ -85,6 +89,9 @@ class Unconditional(Conditioning):
         return False
 
     def null(self, n: int, device: Any = None) -> None:
+        return None
+
+    def balanced(self, n: int) -> None:
         return None
 
     def example(self, n: int, generator: torch.Generator, device: Any) -> None:
@@ -135,6 +142,9 @@ class ClassLabels(Conditioning):
 
     def null(self, n: int, device: Any = None) -> Tensor:
         return torch.full((n,), self.null_label, dtype=torch.long, device=device)
+
+    def balanced(self, n: int) -> Tensor:
+        return torch.arange(n) % self.num_classes  # sample i gets class i mod K
 
     def example(self, n: int, generator: torch.Generator, device: Any) -> Tensor:
         return torch.randint(0, self.null_label + 1, (n,), generator=generator, device=device)

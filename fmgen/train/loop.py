@@ -237,9 +237,10 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     if main:
         log.info(
             "global batch %d = %d processes x %d per process x %d accumulation; %d steps (%d images); "
-            "model %.2fM parameters; %s path, %s loss, predicts %s",
+            "model %s, %.2fM parameters; %s path, %s loss, predicts %s",
             cfg.train.batch_size, world, per_proc, accum, total_steps, total_steps * cfg.train.batch_size,
-            count_parameters(model) / 1e6, cfg.path.name, cfg.loss.name, cfg.model.prediction_type,
+            cfg.model.type, count_parameters(model) / 1e6, cfg.path.name, cfg.loss.name,
+            cfg.model.prediction_type,
         )  # fmt: skip
 
     sample_shape = model.sample_shape
