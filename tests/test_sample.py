@@ -76,7 +76,7 @@ def test_velocity_and_eps_models_sample_with_every_solver(tiny_run, eps_run, sam
 
 
 def test_eps_model_field_is_the_converted_velocity(eps_run):
-    """The sampler's field of an eps model equals the MATH.md velocity of its eps output."""
+    """The sampler's field of an eps model equals the docs/math.md velocity of its eps output."""
     loaded = load_model(eps_run.run_dir)
     m, path = loaded.model, loaded.path
     x, t, y = torch.randn(4, 1, 8, 8), torch.full((4,), 0.4), torch.arange(4)
