@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import subprocess
 import sys
 import tarfile
@@ -272,11 +273,30 @@ def test_truncated_tar_is_skipped_and_counted(d8, tmp_path, num_workers):
     loader = ShardLoader(data, 64, resampled=False, num_workers=num_workers, return_keys=True)
     keys = [k for b in collect(loader) for k in b[2]]
     lost = {f"{i:08d}" for i in range(450, 600)} - set(keys)
-    assert loader.skipped >= 1 and 0 < len(lost) < 150  # the start of the cut shard survives
+    assert 0 < len(lost) < 150  # the start of the cut shard survives
+    assert loader.skipped == len(lost)  # lost samples are counted as samples, not as one read
     assert len(keys) == N_DIGITS - len(lost) and len(set(keys)) == len(keys)
     # resampled mode keeps going as well
     it = iter(ShardLoader(data, 64, num_workers=num_workers, seed=1))
     assert all(next(it)[0].shape == (64, 1, 8, 8) for _ in range(40))
+
+
+def test_truncated_shard_warning_names_the_shard_and_the_lost_samples(d8, tmp_path, caplog):
+    data = copy_shards(d8, tmp_path / "d")
+    shard = data / "train-000003.tar"
+    shard.write_bytes(shard.read_bytes()[: 60 * 1024 + 700])
+    loader = ShardLoader(data, 64, resampled=False)
+    with caplog.at_level(logging.WARNING, logger="fmgen.data"):
+        collect(loader)
+    (msg,) = [r.getMessage() for r in caplog.records if "train-000003.tar" in r.getMessage()]
+    assert f"skipping {loader.skipped} samples at shard {shard}" in msg and "unreadable tar" in msg
+
+
+def test_zero_byte_shard_is_an_error_at_start_up(d8, tmp_path):
+    data = copy_shards(d8, tmp_path / "d")
+    (data / "train-000005.tar").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty \(0 bytes\), e\.g\. .*train-000005\.tar"):
+        ShardLoader(data, 8)
 
 
 def test_clear_errors_at_start_up(d8, tmp_path):

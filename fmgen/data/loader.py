@@ -109,6 +109,17 @@ def _resolve_shards(source: str | Path, manifest: str | Path | None) -> tuple[Ma
             f"prepare the shards again (`python -m fmgen.data prepare ... --out {root} "
             f"--overwrite`)"
         )
+    # a zero-byte file is a failed copy or a full disk, never a shard: stop before training
+    empty = [
+        str(p)
+        for p, s in zip(paths, selected, strict=True)
+        if s.num_samples and not p.stat().st_size
+    ]
+    if empty:
+        raise DataError(
+            f"{len(empty)} shard(s) listed in {root / MANIFEST} are empty (0 bytes), e.g. "
+            f"{empty[0]}; copy them again or prepare the shards again"
+        )
     for s in selected:
         if s.label_min < 0 or s.label_max >= m.num_classes:
             bad = s.label_min if s.label_min < 0 else s.label_max
@@ -206,6 +217,7 @@ class ShardLoader:
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self._spec = LaneSpec(
             shards=tuple(str(p) for p in paths),
+            shard_samples=tuple(self._counts(paths)),
             num_classes=self.manifest.num_classes,
             resolution=self.manifest.resolution,
             channels=self.manifest.channels,

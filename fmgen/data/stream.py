@@ -43,6 +43,7 @@ class LaneSpec:
     """Everything a lane needs; picklable (sent to DataLoader workers)."""
 
     shards: tuple[str, ...]
+    shard_samples: tuple[int, ...]  # samples per shard (the manifest's), to count lost ones
     num_classes: int
     resolution: int
     channels: int
@@ -92,11 +93,13 @@ class _Skips:
     def __init__(self, lane: int):
         self.lane, self.n = lane, 0
 
-    def add(self, where: str, reason: str) -> None:
-        self.n += 1
-        if self.n <= 10 or self.n % 1000 == 0:
+    def add(self, where: str, reason: str, count: int = 1) -> None:
+        """``count`` samples lost at ``where`` (a whole truncated shard's rest counts them all)."""
+        before, self.n = self.n, self.n + count
+        if count > 1 or self.n <= 10 or self.n // 1000 > before // 1000:
             log.warning(
-                "skipping corrupt sample %s: %s (%d skipped in lane %d)",
+                "skipping %s at %s: %s (%d skipped in lane %d)",
+                "a corrupt sample" if count == 1 else f"{count} samples",
                 where,
                 reason,
                 self.n,
@@ -140,9 +143,9 @@ def tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if checksum != sum(hdr) - sum(hdr[148:156]) + 256:
             raise tarfile.ReadError("bad tar header checksum")
         data = f.read(size)
-        if len(data) < size:
+        pad = -size % _BLOCK
+        if len(data) < size or len(f.read(pad)) < pad:
             raise tarfile.ReadError("unexpected end of data")
-        f.read(-size % _BLOCK)
         kind = hdr[156:157]
         if kind == b"L":  # GNU long name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "replace")
@@ -161,12 +164,17 @@ def tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
 
 
 def _tar_samples(
-    paths: Iterator[str], on_error: Callable[[str, str], None], limit: int
-) -> Iterator[tuple[str, dict[str, bytes], str]]:
-    """(key, {extension: bytes}, shard path) for consecutive tar members sharing a key."""
+    paths: Iterator[str], on_error: Callable[[str, str, int], None], limit: int,
+    expected: dict[str, int],
+) -> Iterator[tuple[str, dict[str, bytes], str]]:  # fmt: skip
+    """(key, {extension: bytes}, shard path) for consecutive tar members sharing a key.
+
+    A shard that cannot be read to its end (truncated, corrupt, gone) reports the samples it
+    still owed by the manifest's count (``expected``) as lost, naming the shard.
+    """
     empty = 0
     for path in paths:
-        key, members, n = "", {}, 0
+        key, members, n, read_to_end = "", {}, 0, True
         try:
             with open(path, "rb", buffering=1 << 20) as f:
                 for name, data in tar_members(f):
@@ -182,11 +190,16 @@ def _tar_samples(
                         key, members = base, {}
                     members[ext.lower()] = data
         except (tarfile.TarError, OSError, EOFError) as e:
-            on_error(f"{path} (after key {key!r})", f"unreadable tar: {type(e).__name__}: {e}")
-            members = {}
+            lost = max(1, expected.get(path, n + 1) - n)  # the partial sample included
+            on_error(f"shard {path} (after key {key!r})",
+                     f"unreadable tar: {type(e).__name__}: {e}", lost)  # fmt: skip
+            members, read_to_end = {}, False
         if members:
             n += 1
             yield key, members, path
+        if read_to_end and n < expected.get(path, 0):  # cut at a member boundary: no error
+            on_error(f"shard {path}", f"it ended after {n} of its {expected[path]} samples",
+                     expected[path] - n)  # fmt: skip
         empty = 0 if n else empty + 1
         if empty > limit:
             raise DataError(
@@ -258,11 +271,12 @@ def _epoch_samples(
         )
     cursor = 0
 
-    def on_error(where: str, reason: str) -> None:
+    def on_error(where: str, reason: str, count: int) -> None:
         if cursor >= skip:  # errors before the restored position were counted by the saved run
-            skips.add(where, reason)
+            skips.add(where, reason, count)
 
-    raw = _tar_samples(paths, on_error, spec.corrupt_limit)
+    raw = _tar_samples(paths, on_error, spec.corrupt_limit,
+                       dict(zip(spec.shards, spec.shard_samples, strict=True)))  # fmt: skip
     if spec.resampled:  # a fixed-size epoch whose shuffle buffer drains: nothing read is wasted
         raw = itertools.islice(raw, spec.lane_samples)
     flips = random.Random(_seed(spec.seed, epoch, spec.rank, lane, _FLIPS))
