@@ -386,6 +386,8 @@ def validate(cfg: Config) -> None:
         "sample.steps",
         "sample.per_class",
         "eval.report_samples",
+        "eval.fid_num_samples",
+        "optim.eps",
         "ema.half_life_images",
     ]
     for key in positive:
@@ -401,6 +403,8 @@ def validate(cfg: Config) -> None:
         "sample.guidance",
         "sample.sde_sigma",
         "train.max_nonfinite_steps",
+        "train.seed",
+        "data.shuffle_buffer",
     ]
     for key in non_negative:
         if _get(cfg, key) < 0:
@@ -420,8 +424,15 @@ def validate(cfg: Config) -> None:
             f"train.batch_size={cfg.train.batch_size} must be divisible by train.grad_accum="
             f"{cfg.train.grad_accum}"
         )
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas}")
+    if cfg.loss.scale <= 0:
+        raise ConfigError(f"loss.scale: the logit-normal scale must be > 0, got {cfg.loss.scale}")
+    if not 0 < cfg.path.b0 < cfg.path.b1:
+        raise ConfigError(
+            f"path.b0, path.b1: need 0 < b0 < b1 (vp-linear's beta range), got "
+            f"{cfg.path.b0}, {cfg.path.b1}"
+        )
 
 
 def make_path(cfg: Config) -> GaussianPath:

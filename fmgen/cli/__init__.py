@@ -9,8 +9,10 @@ inside.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from fmgen.base import FmgenError
@@ -27,6 +29,47 @@ def run_guarded(fn: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def device_from_arg(text: str | None) -> Any:
+    """``--device``: None (the accelerator's) or a torch device that exists on this machine."""
+    if text is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise FmgenError(f"--device {text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise FmgenError(
+                f"--device {text}: this machine has {count} CUDA device(s); use "
+                f"{'cpu' if not count else f'cuda:0..cuda:{count - 1}'}"
+            )
+    elif device.type != "cpu":
+        raise FmgenError(f"--device {text!r}: fmgen runs on cpu or cuda devices")
+    return device
+
+
+def writable_dir(folder: Path, flag: str) -> Path:
+    """Create ``folder`` (for an output flag) or fail naming the flag, before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FmgenError(
+            f"{flag}: cannot create {folder} ({e.strerror}); choose a writable path"
+        ) from None
+    if not os.access(folder, os.W_OK):
+        raise FmgenError(f"{flag}: {folder} is not writable; choose a writable path")
+    return folder
+
+
+def non_negative(value: int, flag: str) -> int:
+    if value < 0:
+        raise FmgenError(f"{flag} must be >= 0; got {value}")
+    return value
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fmgen.base import FmgenError, setup_logging
-from fmgen.cli import add_sampling_args, run_guarded, spec_from_args
+from fmgen.cli import add_sampling_args, device_from_arg, non_negative, run_guarded, spec_from_args
 from fmgen.eval import FEATURE_NETWORKS
 
 
@@ -52,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fmgen.eval.fid import fid_of_folder, fid_of_model
 
         out = Path(args.out) if args.out else None
+        non_negative(args.seed, "--seed")
+        device = device_from_arg(args.device)
         if args.images:
             if not args.data:
                 raise FmgenError("--images needs --data (the shard folder of the real images)")
@@ -66,9 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fmgen.models import load_model
 
             acc = Accelerator(cpu=not torch.cuda.is_available())  # joins torchrun's CPU processes
-            loaded = load_model(
-                args.checkpoint, weights=args.weights, device=args.device or acc.device
-            )
+            loaded = load_model(args.checkpoint, weights=args.weights, device=device or acc.device)
             cfg = loaded.config
             if args.data:
                 cfg.data.path = args.data

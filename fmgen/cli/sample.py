@@ -7,8 +7,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fmgen.base import setup_logging
-from fmgen.cli import add_sampling_args, run_guarded, spec_from_args
+from fmgen.base import FmgenError, setup_logging
+from fmgen.cli import (
+    add_sampling_args,
+    device_from_arg,
+    non_negative,
+    run_guarded,
+    spec_from_args,
+    writable_dir,
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,9 +60,17 @@ def sample_command(args: Any) -> str:
     from fmgen.eval import draw_samples, sample_request
     from fmgen.models import load_model
 
+    if args.grid_max <= 0:
+        raise FmgenError(f"--grid-max must be > 0; got {args.grid_max}")
+    non_negative(args.seed, "--seed")
+    device = device_from_arg(args.device)
+    if args.out:
+        writable_dir(Path(args.out).parent, "--out")
+    if args.out_dir:
+        writable_dir(Path(args.out_dir), "--out-dir")
     # CPU mode without CUDA, or torchrun's processes would each sample everything alone
     state = PartialState(cpu=not torch.cuda.is_available())
-    device = torch.device(args.device) if args.device else state.device
+    device = device or state.device
     loaded = load_model(args.checkpoint, weights=args.weights, device=device)
     spec = spec_from_args(sampling_spec(loaded.config), args)
     request = sample_request(loaded, labels=args.labels, num_samples=args.num_samples,

@@ -213,6 +213,41 @@ class Example:
     origin: str = ""
 
 
+def _files_to_replace(out: Path, overwrite: bool) -> list[Path]:
+    """The files of an earlier ``write_shards`` into ``out``: its manifest and the shards it lists.
+
+    fmgen never deletes or overwrites a file it did not write: a folder that holds anything but
+    a manifest of fmgen's and its shards (fmgen's caches aside) is refused.
+    """
+    manifest = out / MANIFEST
+    listed: list[Path] = []
+    if manifest.exists():
+        try:
+            m = read_manifest(out)
+        except DataError:
+            raise DataError(
+                f"{manifest} was not written by fmgen (or is damaged); fmgen does not overwrite "
+                f"it: choose an empty or new --out"
+            ) from None
+        if not overwrite:
+            raise DataError(
+                f"{out} already holds prepared shards ({MANIFEST}); pass overwrite=True "
+                f"(--overwrite) or choose another --out"
+            )
+        listed = [manifest, *(out / s.name for s in m.shards)]
+    ours = {p.name for p in listed} | {"fid-cache"}
+    foreign = sorted(
+        p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".")
+    )
+    if foreign:
+        raise DataError(
+            f"{out} holds {len(foreign)} file(s) fmgen did not write (e.g. {foreign[0]}); fmgen "
+            f"never overwrites or deletes them: choose an empty or new --out, or point data.path "
+            f"at a folder of its own"
+        )
+    return listed
+
+
 def write_shards(
     examples: Iterable[Example],
     out_dir: str | Path,
@@ -242,17 +277,8 @@ def write_shards(
     if samples_per_shard < 1 or max_shard_bytes < 1:
         raise DataError("samples per shard and max shard size must be positive")
     out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).exists() and not overwrite:
-        raise DataError(
-            f"{out} already holds prepared shards ({MANIFEST}); pass overwrite=True (--overwrite) "
-            f"or choose another --out"
-        )
-    (out / MANIFEST).unlink(missing_ok=True)
-    old = sorted(out.glob(f"{prefix}-*.tar"))
-    if old:  # without a manifest they are the remains of an interrupted or replaced run
-        log.warning("removing %d old %s-*.tar shards from %s", len(old), prefix, out)
-    for p in old:
-        p.unlink()
+    for p in _files_to_replace(out, overwrite):  # only what an fmgen manifest lists
+        p.unlink(missing_ok=True)
     mode = "L" if channels == 1 else "RGB"
     counts: dict[str, list[int]] = {}  # shard name -> [samples, label min, label max]
     per_class = [0] * len(class_names)

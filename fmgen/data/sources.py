@@ -287,6 +287,10 @@ def prepare(
     """
     from tqdm.auto import tqdm
 
+    if not 1 <= quality <= 100:
+        raise DataError(f"JPEG quality must lie in 1..100 (95 is a good choice), got {quality}")
+    if seed < 0:
+        raise DataError(f"the split seed must be >= 0, got {seed}")
     src = open_source(
         source, source_path, image_column=image_column, label_column=label_column, hf_split=hf_split
     )

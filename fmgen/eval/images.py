@@ -98,6 +98,8 @@ def merge_npz_parts(out_dir: Path) -> Path:
 
 def load_image_folder(folder: Path) -> Tensor:
     """PNG/JPEG files or a samples.npz of a folder -> uint8 (N, C, H, W)."""
+    if not folder.is_dir():
+        raise FmgenError(f"{folder} is not a folder; pass the folder of the samples (--images)")
     npz = folder / "samples.npz"
     if npz.is_file():
         arr = np.load(npz)["images"]
