@@ -148,6 +148,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
     channels_last: bool = False
     deterministic: bool = False  # torch.use_deterministic_algorithms for bit-exact tests
+    dist_timeout_s: int = 300  # a collective waiting longer (a frozen or dead rank) fails the run
+    stop_check_every_steps: int = 10  # how often the ranks agree on a stop signal (one all-reduce)
 
 
 @dataclass
@@ -389,6 +391,8 @@ def validate(cfg: Config) -> None:
         "eval.fid_num_samples",
         "optim.eps",
         "ema.half_life_images",
+        "train.dist_timeout_s",
+        "train.stop_check_every_steps",
     ]
     for key in positive:
         if _get(cfg, key) <= 0:

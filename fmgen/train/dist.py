@@ -5,11 +5,13 @@ Each reduction here is one visible all-reduce; the loop calls them at step bound
 
 from __future__ import annotations
 
+import datetime
 import logging
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from fmgen.config import Config
 
@@ -53,4 +55,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
         )
     # Without CUDA, Accelerate joins torchrun's processes (gloo) only when asked for CPU mode;
     # otherwise every process would train alone into the same run folder.
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not cuda)
+    # A frozen or dead rank leaves the others waiting in a collective: fail after
+    # train.dist_timeout_s (torch's default is 30 minutes of silence, NCCL's 10).
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.train.dist_timeout_s))
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision, cpu=not cuda, kwargs_handlers=[timeout]
+    )
