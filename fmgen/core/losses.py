@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fmgen.core.paths import GaussianPath, check_prediction_type, expand_time
+from fmgen.core.paths import GaussianPath, check_prediction_type, check_time, expand_time
 
 TIME_SAMPLINGS = ("uniform", "logit-normal")
 DSM_WEIGHTINGS = ("beta2", "none", "snr")
@@ -102,7 +102,7 @@ def _predict(net: Callable, x: Tensor, t: Tensor, y: Tensor | None, path: Gaussi
             f"the network returned shape {tuple(pred.shape)}; expected the input's {tuple(x.shape)}"
         )
     pred = pred.to(torch.promote_types(pred.dtype, x.dtype))  # autocast may return bf16
-    return path.convert(pred, x.to(pred.dtype), t, src, dst)
+    return path.convert(pred, x.to(pred.dtype), t, src, dst, check=False)  # t checked by the loss
 
 
 def cfm_loss(
@@ -124,7 +124,8 @@ def cfm_loss(
     Returns:
         (B,) per-sample losses.
     """
-    ps = path.sample(z, t, eps)
+    t = check_time(t)  # once per call: a host-device sync, not one per conversion
+    ps = path.sample(z, t, eps, check=False)
     v = _predict(net, ps.x, t, y, path, "velocity")  # (B, ...)
     return ((v - ps.velocity) ** 2).flatten(1).mean(1)
 
@@ -141,7 +142,7 @@ def dsm_weight(path: GaussianPath, t: Tensor, weighting: str) -> Tensor:
         raise ValueError(
             f"unknown DSM weighting {weighting!r}; valid weightings: {', '.join(DSM_WEIGHTINGS)}"
         )
-    s = path.schedule(t)
+    s = path.schedule(t)  # checks t (once per DSM call)
     if weighting == "beta2":
         return s.beta**2
     if weighting == "snr":
@@ -167,10 +168,10 @@ def dsm_loss(
     Returns:
         (B,) per-sample losses.
     """
-    lam = dsm_weight(path, t, weighting)  # validates the name before the forward pass
-    ps = path.sample(z, t, eps)
+    lam = dsm_weight(path, t, weighting)  # validates the name and t before the forward pass
+    ps = path.sample(z, t, eps, check=False)
     s = _predict(net, ps.x, t, y, path, "score")  # (B, ...)
-    beta = expand_time(path.schedule(t).beta, ps.x)
+    beta = expand_time(path.schedule(t, check=False).beta, ps.x)
     err = ((s + ps.eps / beta) ** 2).flatten(1).mean(1)
     return lam.to(err.dtype) * err
 

@@ -67,7 +67,8 @@ def check_time(t: Tensor | float, name: str = "t") -> Tensor:
     t = torch.as_tensor(t)
     if not torch.is_floating_point(t):
         t = t.to(torch.get_default_dtype())
-    if t.numel() and (bool(torch.isnan(t).any()) or t.min() < 0 or t.max() > 1):
+    # one fused test, so one host-device sync however many conditions
+    if t.numel() and bool((torch.isnan(t) | (t < 0) | (t > 1)).any()):
         raise ValueError(
             f"{name} must lie in [0, 1] (0 = noise, 1 = data); got values in "
             f"[{t.min().item():.6g}, {t.max().item():.6g}]"
@@ -103,28 +104,34 @@ class GaussianPath(ABC):
     @abstractmethod
     def _schedule(self, t: Tensor) -> Schedule: ...
 
-    def schedule(self, t: Tensor | float) -> Schedule:
-        """alpha_t, beta_t, dalpha_t, dbeta_t at ``t`` (any shape), after checking t in [0, 1]."""
-        return self._schedule(check_time(t))
+    def schedule(self, t: Tensor | float, *, check: bool = True) -> Schedule:
+        """alpha_t, beta_t, dalpha_t, dbeta_t at ``t`` (any shape), after checking t in [0, 1].
 
-    def _coeffs(self, t: Tensor | float, x: Tensor) -> Schedule:
+        ``check=False`` skips the check (a host-device sync) for times a caller has checked
+        already: the losses check their t once per call, not in every conversion.
+        """
+        return self._schedule(check_time(t) if check else torch.as_tensor(t))
+
+    def _coeffs(self, t: Tensor | float, x: Tensor, check: bool = True) -> Schedule:
         # at least x's precision: a Python float t would otherwise become float32 and round
         # alpha, beta of a float64 x (relative error ~1e-7)
         if isinstance(t, Tensor) and t.is_floating_point():
             t = t.to(device=x.device, dtype=torch.promote_types(t.dtype, x.dtype))
         else:
             t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        s = self.schedule(t)
+        s = self.schedule(t, check=check)
         return Schedule(*(expand_time(v, x) for v in (s.alpha, s.beta, s.dalpha, s.dbeta)))
 
     # --- sampling and conditional quantities -------------------------------------------------
 
-    def sample(self, z: Tensor, t: Tensor, eps: Tensor | None = None) -> PathSample:
+    def sample(
+        self, z: Tensor, t: Tensor, eps: Tensor | None = None, *, check: bool = True
+    ) -> PathSample:
         """Draw x_t given data ``z`` (B, ...) and times ``t`` (B,); ``eps`` defaults to N(0, I)."""
         if eps is None:
             eps = torch.randn_like(z)
         _check_same_shape(z, eps, "z", "eps")
-        s = self._coeffs(t, z)
+        s = self._coeffs(t, z, check)
         x = s.alpha * z + s.beta * eps
         return PathSample(
             x=x, t=torch.as_tensor(t), z=z, eps=eps, velocity=s.dalpha * z + s.dbeta * eps
@@ -196,7 +203,9 @@ class GaussianPath(ABC):
             return -one / s.beta**2, s.alpha / s.beta**2
         return s.dbeta / s.beta, s.dalpha - s.dbeta * s.alpha / s.beta  # velocity
 
-    def convert(self, pred: Tensor, x: Tensor, t: Tensor, src: str, dst: str) -> Tensor:
+    def convert(
+        self, pred: Tensor, x: Tensor, t: Tensor, src: str, dst: str, *, check: bool = True
+    ) -> Tensor:
         """Convert a prediction of type ``src`` at (x, t) into type ``dst``.
 
         Every type is affine in D: ``pred = a_src x + b_src D``, so D = (pred - a_src x) / b_src
@@ -210,9 +219,9 @@ class GaussianPath(ABC):
             return pred
         if {src, dst} == {"eps", "score"}:
             # proportional (score = -eps / beta): going through D would be 0/0 where alpha = 0
-            beta = self._coeffs(t, x).beta
+            beta = self._coeffs(t, x, check).beta
             return -pred / beta if dst == "score" else -pred * beta
-        s = self._coeffs(t, x)
+        s = self._coeffs(t, x, check)
         a_src, b_src = self._affine(src, s)
         a_dst, b_dst = self._affine(dst, s)
         d = (pred - a_src * x) / b_src
