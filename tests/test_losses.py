@@ -259,6 +259,24 @@ def test_bad_names_list_valid_ones():
         dsm_loss(MLP("eps"), z, get_path("linear"), t=t, eps=eps, weighting="min-snr")
 
 
+@pytest.mark.parametrize("bad", [1.5, -0.25, float("nan")])
+def test_losses_check_their_times_once(bad, monkeypatch):
+    """A time outside [0, 1] is an error of the loss call; its conversions do not check again."""
+    import fmgen.core.losses as losses_module
+
+    z, t, eps = draw(4, torch.Generator().manual_seed(0))
+    t[2] = bad
+    path = get_path("vp-cosine")
+    for loss, net in ((cfm_loss, MLP("eps")), (dsm_loss, MLP("velocity"))):
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+            loss(net, z, path, t=t, eps=eps)
+    calls = []
+    real = losses_module.check_time
+    monkeypatch.setattr(losses_module, "check_time", lambda t: calls.append(1) or real(t))
+    cfm_loss(MLP("eps"), z, path, t=torch.full_like(t, 0.5), eps=eps)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("kind", ["uniform", "logit-normal"])
 def test_sample_time_range_and_distribution(kind):
     gen = torch.Generator().manual_seed(0)
