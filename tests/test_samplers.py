@@ -208,6 +208,43 @@ def test_sde_noise_matters_and_sigma_zero_is_euler():
     assert not torch.allclose(a, b)
 
 
+def test_sde_noise_callable_replaces_the_generator():
+    """``noise(x)`` supplies the increments: the same draws give the same result as a generator,
+    per-sample streams make a batch split exact, and a wrong shape or both sources are refused."""
+    path = get_path("vp-cosine")
+    oracle = Oracle(DATA, path)
+    x0, ts = noise(6), time_grid(10, dtype=F64)
+    gen = torch.Generator().manual_seed(0)
+    a = sample_euler_maruyama(oracle.velocity, x0, ts, path=path, sigma=0.5, generator=gen)
+    gen = torch.Generator().manual_seed(0)
+    calls = []
+
+    def from_gen(x):
+        calls.append(x.shape)
+        return torch.randn(x.shape, generator=gen, dtype=x.dtype)
+
+    b = sample_euler_maruyama(oracle.velocity, x0, ts, path=path, sigma=0.5, noise=from_gen)
+    assert torch.equal(a, b) and calls == [x0.shape] * 9  # no noise on the last step
+
+    def per_sample(first, count):  # one stream per sample index
+        gens = [torch.Generator().manual_seed(100 + first + j) for j in range(count)]
+        return lambda x: torch.stack(
+            [torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in gens]
+        )
+
+    field = lambda x, t: -x  # noqa: E731 (elementwise: no batch-dependent rounding)
+    run = lambda x, nz: sample_euler_maruyama(field, x, ts, path=path, sigma=0.5, noise=nz)  # noqa: E731
+    whole = run(x0, per_sample(0, 6))
+    split = torch.cat([run(x0[:2], per_sample(0, 2)), run(x0[2:], per_sample(2, 4))])
+    assert torch.equal(whole, split)
+    assert not torch.allclose(whole, run(x0, per_sample(1, 6)))  # the draws do matter
+    with pytest.raises(ValueError, match=r"shape \(6, 2\); got \(6, 3\)"):
+        run(x0, lambda x: torch.zeros(6, 3, dtype=x.dtype))
+    with pytest.raises(ValueError, match="not both"):
+        sample_euler_maruyama(field, x0, ts, path=path, sigma=0.5, noise=from_gen,
+                              generator=torch.Generator())  # fmt: skip
+
+
 # --- wrappers ---------------------------------------------------------------------------------------
 
 

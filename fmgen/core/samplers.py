@@ -1,8 +1,8 @@
 """ODE and SDE solvers from noise (t = 0) to data (t = 1), guidance and prediction-type wrappers.
 
 Every sampler has one signature, ``sample_x(field, x, ts, *, callback=None, disable=True)``
-(the SDE, ``sample_euler_maruyama``, adds ``path``, ``sigma`` and ``generator``), and returns
-the final x:
+(the SDE, ``sample_euler_maruyama``, adds ``path``, ``sigma`` and the source of its increments,
+``generator`` or ``noise``), and returns the final x:
 
 - ``field(x, t) -> velocity``: x (B, ...), t (B,); the solvers know nothing of networks or
   training. ``velocity_field`` turns a network of any prediction type into a field;
@@ -54,6 +54,8 @@ class Step:
 
 Callback = Callable[[Step], None]
 Sigma = float | Callable[[Tensor], Tensor]
+Noise = Callable[[Tensor], Tensor]
+"""noise(x (B, ...)) -> standard normal draws of x's shape, dtype and device."""
 
 DEFAULT_T_MIN = 1e-4  # velocity_field keeps non-velocity predictions at t in [t_min, 1 - t_min]
 
@@ -183,6 +185,7 @@ def sample_euler_maruyama(
     path: GaussianPath,
     sigma: Sigma,
     generator: torch.Generator | None = None,
+    noise: Noise | None = None,
     callback: Callback | None = None,
     disable: bool = True,
 ) -> Tensor:
@@ -191,9 +194,16 @@ def sample_euler_maruyama(
     The score s comes from the velocity through ``path.score_from_velocity`` (finite at t = 0).
     ``sigma`` is a float (constant) or a callable t (B,) -> (B,) such as ``beta_sigma(path, s)``.
     The last step adds no noise, so the result is the mean of the final transition.
+
+    The increments are ``noise(x)`` when given (a callable returning standard normal draws of
+    x's shape, called once per noisy step), else ``torch.randn(generator=generator)``. A batch
+    drawn from one generator depends on the batch's composition; ``noise`` lets the caller
+    draw each sample's increments from that sample's own stream (``fmgen.eval.generate``).
     """
     times = _check_ts(ts)
     _check_x(x)
+    if noise is not None and generator is not None:
+        raise ValueError("give the SDE increments' source once: generator or noise, not both")
     sigma_fn = sigma if callable(sigma) else (lambda t: torch.full_like(t, float(sigma)))
     last = len(times) - 2
     for i in _steps(times, disable, "sde"):
@@ -205,8 +215,17 @@ def sample_euler_maruyama(
         score = path.score_from_velocity(u, x, tb)
         x = x + h * (u + 0.5 * sig**2 * score)
         if i < last:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + math.sqrt(h) * sig * noise
+            if noise is None:
+                dw = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            else:
+                dw = noise(x)
+                if not isinstance(dw, Tensor) or dw.shape != x.shape:
+                    got = tuple(dw.shape) if isinstance(dw, Tensor) else type(dw).__name__
+                    raise ValueError(
+                        f"noise(x) must return a tensor of x's shape {tuple(x.shape)}; got {got}"
+                    )
+                dw = dw.to(device=x.device, dtype=x.dtype)
+            x = x + math.sqrt(h) * sig * dw
         if callback is not None:
             callback(Step(i, t, t_next, x))
     return x

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fmgen.core.grids import TIME_GRIDS, time_grid
 from fmgen.core.paths import GaussianPath
-from fmgen.core.samplers import SAMPLERS, Field, beta_sigma, get_sampler
+from fmgen.core.samplers import SAMPLERS, Field, Noise, beta_sigma, get_sampler
 
 
 @dataclass(frozen=True)
@@ -107,13 +107,16 @@ def solve(
     *,
     path: GaussianPath,
     generator: torch.Generator | None = None,
+    noise: Noise | None = None,
 ) -> Tensor:
     """Integrate ``field`` from x (B, ...) at spec.t_start to t = 1 as the spec says.
 
-    ``generator`` feeds the SDE's increments (ignored by the ODE solvers).
+    The SDE's increments come from ``noise(x)`` (standard normal draws of x's shape) or else
+    ``generator``; the ODE solvers ignore both.
     """
     ts = spec.times(path, device=x.device, dtype=x.dtype)
     kwargs: dict[str, Any] = {}
     if spec.sampler == "sde":
-        kwargs = {"path": path, "sigma": beta_sigma(path, spec.sde_sigma), "generator": generator}
+        kwargs = {"path": path, "sigma": beta_sigma(path, spec.sde_sigma), "generator": generator,
+                  "noise": noise}  # fmt: skip
     return get_sampler(spec.sampler)(field, x, ts, **kwargs)

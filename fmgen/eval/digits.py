@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from fmgen.config import Config, sampling_spec
 from fmgen.data import digits_images
-from fmgen.eval.features import FeatureSpec, register_feature_network
+from fmgen.eval.features import FeatureSpec, read_cache, register_feature_network, write_cache
 from fmgen.eval.fid import fids_against
 from fmgen.eval.generate import generate
 from fmgen.models.autoencoder import Autoencoder
@@ -31,6 +31,7 @@ from fmgen.models.autoencoder import Autoencoder
 log = logging.getLogger("fmgen.eval.digits")
 
 CLASSIFIER_VERSION = 1
+FEATURE_DIM = 128  # the penultimate layer: FID needs more samples than this
 
 
 class DigitsClassifier(nn.Module):
@@ -47,10 +48,10 @@ class DigitsClassifier(nn.Module):
             nn.ReLU(),
             nn.AdaptiveAvgPool2d(4),
             nn.Flatten(),
-            nn.Linear(64 * 16, 128),
+            nn.Linear(64 * 16, FEATURE_DIM),
             nn.ReLU(),
         )
-        self.head = nn.Linear(128, num_classes)
+        self.head = nn.Linear(FEATURE_DIM, num_classes)
         self.meta = {"channels": channels, "resolution": resolution, "num_classes": num_classes}
 
     def features(self, x: Tensor) -> Tensor:
@@ -66,7 +67,7 @@ class FeatureNet(nn.Module):
     def __init__(self, classifier: DigitsClassifier):
         super().__init__()
         self.classifier = classifier.eval()
-        self.num_features = 128
+        self.num_features = FEATURE_DIM
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
@@ -116,14 +117,21 @@ def train_digits_classifier(
     seed: int = 0,
     cache_dir: Path | None = None,
 ) -> TrainedClassifier:
-    """Train (or load from ``cache_dir``) the classifier; deterministic for a given seed."""
+    """Train (or load from ``cache_dir``) the classifier; deterministic for a given seed.
+
+    The cache is ``KEY.safetensors`` (the weights) + ``KEY.json`` (held-out accuracy, version,
+    weights hash); a cache that is not valid is ignored with a warning and the classifier is
+    trained again.
+    """
     key = f"digits-cnn-v{CLASSIFIER_VERSION}-r{resolution}-c{channels}-e{epochs}-s{seed}"
-    cache = cache_dir / f"{key}.pt" if cache_dir is not None else None
-    model = DigitsClassifier(channels, resolution)
-    if cache is not None and cache.is_file():
-        saved = torch.load(cache, map_location="cpu", weights_only=False)
-        model.load_state_dict(saved["state"])
-        return TrainedClassifier(model.eval(), saved["heldout_accuracy"], weights_hash(model))
+    stem = cache_dir / key if cache_dir is not None else None
+    expect = {"kind": "digits-classifier", "version": CLASSIFIER_VERSION, "key": key}
+    cached = read_cache(stem, expect) if stem is not None else None
+    if cached is not None:
+        loaded = _classifier_from_cache(*cached, channels=channels, resolution=resolution)
+        if loaded is not None:
+            return loaded
+        log.warning("ignoring the cache %s (its weights do not fit its record); retraining", stem)
     x, y = real_digits(resolution, channels)
     tr, te = split_indices(len(x), 0.2, seed)
     gen = torch.Generator().manual_seed(seed)
@@ -146,10 +154,26 @@ def train_digits_classifier(
     model.eval()
     with torch.no_grad():
         acc = float((model(x[te]).argmax(1) == y[te]).float().mean())
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state": model.state_dict(), "heldout_accuracy": acc}, cache)
-    return TrainedClassifier(model, acc, weights_hash(model))
+    trained = TrainedClassifier(model, acc, weights_hash(model))
+    if stem is not None:
+        write_cache(stem, model.state_dict(),
+                    {**expect, "heldout_accuracy": acc, "weights_hash": trained.weights_hash})  # fmt: skip
+    return trained
+
+
+def _classifier_from_cache(
+    tensors: dict[str, Tensor], meta: dict[str, Any], *, channels: int, resolution: int
+) -> TrainedClassifier | None:
+    """The cached classifier, or None when the weights do not fit the network or the record."""
+    model = DigitsClassifier(channels, resolution)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError:  # missing, unexpected or misshapen tensors
+        return None
+    acc = meta.get("heldout_accuracy")
+    if not isinstance(acc, float) or weights_hash(model) != meta.get("weights_hash"):
+        return None
+    return TrainedClassifier(model.eval(), acc, meta["weights_hash"])
 
 
 @torch.no_grad()
@@ -176,7 +200,7 @@ def _digits_feature_network(
     return digits_spec(train_digits_classifier(resolution, channels, cache_dir=cache_dir), channels)
 
 
-register_feature_network("digits-classifier", _digits_feature_network)
+register_feature_network("digits-classifier", _digits_feature_network, dim=FEATURE_DIM)
 
 
 def digits_report(
@@ -222,14 +246,18 @@ def digits_report(
     x, _ = real_digits(cfg.data.resolution, cfg.data.channels)
     tr, te = split_indices(len(x), 0.2, 0)
     k = min(len(te), n if guided is None else len(guided))
-    fakes = {"unconditional": uncond[:k], "heldout": x[te][:k]}
-    if guided is not None:
-        pick = torch.randperm(len(guided), generator=torch.Generator().manual_seed(0))[:k]
-        fakes["guided"] = guided[pick]
-    fids = fids_against(x[tr], fakes, digits_spec(clf, cfg.data.channels))
-    for name, value in fids.items():
-        report[f"fid_{name}_vs_train"] = value
     report["fid_samples"] = k
+    if k > FEATURE_DIM:
+        fakes = {"unconditional": uncond[:k], "heldout": x[te][:k]}
+        if guided is not None:
+            pick = torch.randperm(len(guided), generator=torch.Generator().manual_seed(0))[:k]
+            fakes["guided"] = guided[pick]
+        fids = fids_against(x[tr], fakes, digits_spec(clf, cfg.data.channels))
+        for name, value in fids.items():
+            report[f"fid_{name}_vs_train"] = value
+    else:  # a singular covariance: no number rather than a meaningless one
+        log.warning("no FID in the digits report: %d samples <= %d feature dimensions; set "
+                    "eval.report_samples > %d", k, FEATURE_DIM, FEATURE_DIM)  # fmt: skip
     report["passed"] = bool(
         report["classifier_heldout_accuracy"] >= 0.95
         and report.get("guided_accuracy", 1.0) >= 0.97
@@ -244,10 +272,16 @@ def digits_report_lines(q: dict[str, Any]) -> list[str]:
     guided = f"guided accuracy {q['guided_accuracy']:.3f}, " if "guided_accuracy" in q else ""
     fid_guided = (f"guided samples {q['fid_guided_vs_train']:.2f}; "
                   if "fid_guided_vs_train" in q else "")  # fmt: skip
-    return [
+    quality = (
         f"quality: classifier held-out accuracy {q['classifier_heldout_accuracy']:.3f}, {guided}"
         f"unconditional max class fraction {q['unconditional_max_fraction']:.3f}, classes covered "
-        f"{q['unconditional_classes_covered']}: {'PASS' if q['passed'] else 'FAIL'}",
+        f"{q['unconditional_classes_covered']}: {'PASS' if q['passed'] else 'FAIL'}"
+    )
+    if "fid_unconditional_vs_train" not in q:
+        return [quality, f"FID: not computed ({q['fid_samples']} samples <= {FEATURE_DIM} "
+                         f"feature dimensions; set eval.report_samples > {FEATURE_DIM})"]  # fmt: skip
+    return [
+        quality,
         f"FID (digits-classifier features, {q['fid_samples']} images each, vs the train split): "
         f"unconditional samples {q['fid_unconditional_vs_train']:.2f}, {fid_guided}floor "
         f"(held-out real split) {q['fid_heldout_vs_train']:.2f}",

@@ -4,9 +4,16 @@ The network's output is converted to a velocity through the path (``velocity_fie
 classifier-free guidance combines the conditional and null fields (``cfg_net``, one batched
 call), the spec's solver integrates from N(0, I) at ``t_start`` to t = 1, and the autoencoder
 stage decodes the result into pixels.
+
+Every random number of sample i is a function of (seed, i): its initial noise comes from the
+noise block holding i (``block_noise``), its SDE increments from a generator of its own
+(``sde_noise``), so how the indices are split into calls, batches or processes changes no draw.
 """
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -57,7 +64,10 @@ def generate(
     unconditional samples); ``spec`` the solver, steps, grid and guidance. The solver's result
     is decoded by ``autoencoder`` (identity: pixel space). Every random number of sample i
     (initial noise, SDE increments) depends on (seed, i) only, so splitting the indices across
-    processes reproduces the images of one process.
+    calls or processes reproduces the same draws. Equal draws give bit-equal images only from
+    equal batches: a network's rounding depends on the batch size (the U-Net's 1x1 convolutions
+    are matrix products blocked by batch; 1 vs 16 samples differ by ~1e-6), so callers that
+    split work (``fid_of_model``, ``draw_samples``) call this on fixed blocks of global indices.
     """
     try:
         model.conditioning.check(cond if model.conditional else None, num)
@@ -74,11 +84,8 @@ def generate(
         n = min(num - i, (block + 1) * NOISE_BLOCK - (start + i))  # stay inside one noise block
         x = block_noise(seed, start + i, n, shape).to(device=device, dtype=dtype)
         c = cond[i : i + n].to(device) if cond is not None and model.conditional else None
-        # one SDE generator per block, offset by the position inside it
-        sde_gen = torch.Generator(device=x.device).manual_seed(
-            seed * 1_000_003 + block + 7919 * ((start + i) % NOISE_BLOCK)
-        )
-        z = solve(spec, model_field(model, path, c, spec.guidance), x, path=path, generator=sde_gen)
+        noise = sde_noise(seed, start + i, n) if spec.sampler == "sde" else None
+        z = solve(spec, model_field(model, path, c, spec.guidance), x, path=path, noise=noise)
         out.append(ae.decode(z).float().cpu())
         i += n
         bar.update(n)
@@ -104,3 +111,33 @@ def block_noise(seed: int, start: int, count: int, shape: tuple[int, ...]) -> Te
         hi = min(start + count, (b + 1) * NOISE_BLOCK) - b * NOISE_BLOCK
         out.append(block[lo:hi])
     return torch.cat(out) if out else torch.empty((0, *shape))
+
+
+def sde_seed(seed: int, index: int) -> int:
+    """The 64-bit seed of sample ``index``'s SDE increments.
+
+    Hashed with a tag of its own into 64 bits, so a sample's stream meets a noise block's
+    (``seed * 1_000_003 + block``) or another (seed, index)'s with probability ~2^-64 a pair.
+    """
+    digest = hashlib.sha256(f"fmgen-sde-increments|{seed}|{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def sde_noise(seed: int, start: int, count: int) -> Callable[[Tensor], Tensor]:
+    """SDE increments of samples start..start+count-1: one CPU generator per sample.
+
+    The returned ``noise(x)`` (x: (count, ...)) draws row j from sample (start + j)'s own
+    generator, on the CPU (the same numbers on every device), so the k-th increment of sample i
+    depends on (seed, i, k) only, not on the batch it is drawn in. Each call is one SDE step.
+    """
+    # EDM's StackedRandomGenerator idea, by hand: torch has no batched draw with a generator
+    # per row, and one generator per batch would tie each draw to the batch's composition
+    gens = [torch.Generator().manual_seed(sde_seed(seed, start + j)) for j in range(count)]
+
+    def noise(x: Tensor) -> Tensor:
+        if x.shape[0] != count:
+            raise ValueError(f"sde_noise made for {count} samples got a batch of {x.shape[0]}")
+        draws = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])  # (B, ...)
+        return draws.to(device=x.device, dtype=x.dtype)
+
+    return noise
