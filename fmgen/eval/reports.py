@@ -12,7 +12,7 @@ from typing import Any
 
 from fmgen.config import Config, ConfigError
 from fmgen.eval.digits import digits_report, digits_report_lines
-from fmgen.eval.features import FEATURE_NETWORKS
+from fmgen.eval.features import FEATURE_DIMS, FEATURE_NETWORKS
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,13 @@ def check_eval_config(cfg: Config) -> None:
         raise ConfigError(
             f"eval.feature_network: {cfg.eval.feature_network!r} is not valid; choose one of: "
             f"{', '.join(map(repr, FEATURE_NETWORKS))}"
+        )
+    dim = FEATURE_DIMS.get(cfg.eval.feature_network)
+    if cfg.eval.fid_every_images and dim is not None and cfg.eval.fid_num_samples <= dim:
+        raise ConfigError(
+            f"eval.fid_num_samples={cfg.eval.fid_num_samples}: FID with the {dim}-d "
+            f"{cfg.eval.feature_network} features needs more samples than {dim} (the covariance "
+            f"is singular otherwise); raise it or set eval.fid_every_images=0"
         )
     if not cfg.eval.report:
         return
