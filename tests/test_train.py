@@ -26,8 +26,11 @@ def latest(run_dir: Path) -> Path:
 
 
 def weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    extra = torch.load(ckpt / "fmgen_extra.pt", weights_only=False)
-    return load_file(ckpt / "model.safetensors"), extra["ema"]["shadow_params"]
+    """The training weights and the EMA weights (in parameter order) of a checkpoint."""
+    shadow = load_file(ckpt / "ema.safetensors")
+    return load_file(ckpt / "model.safetensors"), [
+        shadow[f"shadow_params.{i}"] for i in range(len(shadow))
+    ]
 
 
 def run_train(overrides: list[str], *, resume: str | None = None):
@@ -254,5 +257,12 @@ def test_two_ranks_match_one_rank(shards, tmp_path):
     assert len(list((tmp_path / "two" / "wandb").glob("offline-run-*"))) == 1
     assert sorted(p.name for p in (tmp_path / "two" / "samples").iterdir()) == ["final.png"]
     ck = latest(tmp_path / "two")
-    assert (ck / "fmgen_loader_0.pt").is_file() and (ck / "fmgen_loader_1.pt").is_file()
+    for rank in (0, 1):  # every rank wrote its own RNG states and data position
+        assert (ck / f"fmgen_rank_{rank}.json").is_file()
+        assert (ck / f"fmgen_rank_{rank}.safetensors").is_file()
     assert len(list(ck.glob("model*.safetensors"))) == 1
+    manifest = json.loads((ck / "fmgen_manifest.json").read_text())["files"]
+    assert {"fmgen_rank_0.json", "fmgen_rank_1.json", "model.safetensors"} <= manifest.keys()
+    # each rank saved its own RNG (seeded with seed + rank), not a copy of rank 0's
+    cpu = [load_file(ck / f"fmgen_rank_{r}.safetensors")["torch_cpu"] for r in (0, 1)]
+    assert not torch.equal(cpu[0], cpu[1])

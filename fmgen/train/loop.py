@@ -19,7 +19,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from fmgen.base import FmgenError
 from fmgen.config import Config, ConfigError, make_path, sampling_spec, to_dict, to_yaml
 from fmgen.core.losses import get_loss, sample_time
 from fmgen.data import check_data_config, open_train_data
@@ -42,11 +43,12 @@ from fmgen.models import (
     count_parameters,
     export_model,
 )
-from fmgen.models.store import EXTRA_FILE, checkpoint_name, find_checkpoint, loader_file
-from fmgen.train.checkpoint import check_resumable, save_checkpoint
+from fmgen.models.store import checkpoint_name, find_checkpoint, step_folders
+from fmgen.train.checkpoint import remove_leftovers, restore_checkpoint, save_checkpoint
 from fmgen.train.compile_check import check_compiled_gradients
 from fmgen.train.dist import any_rank, make_accelerator, mean_over_ranks
 from fmgen.train.errors import TrainingError
+from fmgen.train.lock import hold_run_folder
 from fmgen.train.tracking import Tracker
 
 log = logging.getLogger("fmgen.train")
@@ -139,9 +141,18 @@ def draw_noise(
 
 
 def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
-    """Train a model as the config says; returns where the results are."""
+    """Train a model as the config says; returns where the results are.
+
+    The main process holds the run folder's lock throughout (a second training on the same
+    folder stops at once, naming this one); it is released however the run ends."""
     check_config(cfg)
     accelerator = make_accelerator(cfg)
+    main, device = accelerator.is_main_process, accelerator.device
+    with hold_run_folder(Path(cfg.train.run_dir), main=main, device=device):
+        return _train(cfg, accelerator, resume)
+
+
+def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
     world, rank = accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -167,7 +178,13 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     ckpt_root = run_dir / "checkpoints"
     if main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(run_dir)  # of a save or export interrupted by a kill or a crash
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if not resume and step_folders(ckpt_root):
+            log.warning(
+                "training from step 0 in %s, which holds checkpoints up to %s; --resume auto "
+                "continues them", run_dir, step_folders(ckpt_root)[0].name,
+            )  # fmt: skip
 
     # --- data: prepared once by the main process, streamed by every rank ---
     data = open_train_data(
@@ -211,22 +228,11 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     state = TrainState()
 
     # --- resume ---
-    ckpt = find_checkpoint(run_dir, resume)
+    ckpt = find_checkpoint(run_dir, resume, quiet=not main)  # verified against its checksums
     if ckpt is not None:
-        extra = torch.load(ckpt / EXTRA_FILE, map_location="cpu", weights_only=False)
-        check_resumable(cfg, extra["config"], ckpt)  # a clear message, not a size mismatch
-        accelerator.load_state(str(ckpt))
-        ema.load_state_dict(extra["ema"])
-        ema.to(device)
-        gen.set_state(extra["generator"])
-        state = TrainState(**extra["state"])
-        position = loader_file(ckpt, rank)
-        if not position.is_file():
-            raise TrainingError(
-                f"{ckpt} has no data position for rank {rank} ({position.name}): it was written "
-                f"by fewer processes; resume with the same number of processes"
-            )
-        data.load_state_dict(torch.load(position, weights_only=False))
+        saved = restore_checkpoint(ckpt, accelerator, cfg=cfg, model=model, optimizer=optimizer,
+                                   ema=ema, generator=gen, data=data)  # fmt: skip
+        state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState)})
         log.info("resumed from %s at step %d (%d images)", ckpt, state.step, state.images)
 
     total_steps = math.ceil(cfg.train.total_images / cfg.train.batch_size)
@@ -377,16 +383,11 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
             stopping = any_rank(stop.set, device)
             due = state.images % cfg.train.checkpoint_every_images < cfg.train.batch_size
             if stopping or due or state.step == total_steps:
-                extra = {
-                    "ema": ema.state_dict(),
-                    "generator": gen.get_state(),
-                    "state": asdict(state),
-                    "config": to_dict(cfg),
-                    "class_names": class_names,
-                }
                 last_ckpt = save_checkpoint(
-                    accelerator, ckpt_root / checkpoint_name(state.step), extra=extra,
-                    loader_state=data.state_dict(), keep=cfg.train.keep_checkpoints,
+                    accelerator, ckpt_root / checkpoint_name(state.step), model=model,
+                    optimizer=optimizer, ema=ema, generator=gen, state=asdict(state), cfg=cfg,
+                    class_names=class_names, data_state=data.state_dict(),
+                    keep=cfg.train.keep_checkpoints,
                 )  # fmt: skip
             if stopping:
                 log.warning(
@@ -410,11 +411,18 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     # --- the end: export, a sample grid, the config's report ---
     export_dir = grid_path = report = None
     lines: list[str] = []
+    failed: Exception | None = None
     if main:
         final = ema_model_copy(model, ema)
         export_dir = run_dir / "export"
-        export_model(final, cfg, export_dir, autoencoder=autoencoder, class_names=class_names,
-                     step=state.step)  # fmt: skip
+        try:
+            export_model(final, cfg, export_dir, autoencoder=autoencoder,
+                         class_names=class_names, step=state.step)  # fmt: skip
+        except FmgenError as e:  # a full disk: the other ranks must not wait for us forever
+            failed = e
+    if any_rank(failed is not None, device):
+        raise failed or TrainingError("the main process could not write the export (see its error)")
+    if main:
         grid_path = _sample_grid(cfg, final, path, autoencoder, class_names,
                                  run_dir / "samples" / "final.png", device)  # fmt: skip
         tracker.log_image("samples/grid", grid_path, step=state.step)
