@@ -231,7 +231,10 @@ def prune_checkpoints(root: Path, newest: Path, keep: int) -> None:
                 continue
             except CheckpointError as e:
                 log.warning("removing damaged checkpoint %s: %s", old.name, e)
-        remove_folder(old)
+        try:
+            remove_folder(old)
+        except OSError as e:  # a folder left behind costs disk, not the run
+            log.warning("could not remove old checkpoint %s: %s", old, e)
 
 
 def remove_leftovers(run_dir: Path) -> list[Path]:
