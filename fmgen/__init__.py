@@ -7,54 +7,9 @@ Layers, each importing only those below it (checked by import-linter in CI):
 ``core`` < ``base``, ``config`` < ``models`` < ``data`` < ``eval`` < ``train`` < ``cli``.
 """
 
-from fmgen.core import (
-    DSM_WEIGHTINGS,
-    LOSSES,
-    PATHS,
-    PREDICTION_TYPES,
-    SAMPLERS,
-    TIME_GRIDS,
-    TIME_SAMPLINGS,
-    GaussianPath,
-    Oracle,
-    SamplingSpec,
-    beta_sigma,
-    cfg_field,
-    cfg_net,
-    count_nfe,
-    get_loss,
-    get_path,
-    get_sampler,
-    nfe,
-    sample_time,
-    solve,
-    time_grid,
-    velocity_field,
-)
+from fmgen import core
+from fmgen.core import *  # noqa: F403  (the library API of the math)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DSM_WEIGHTINGS",
-    "LOSSES",
-    "PATHS",
-    "PREDICTION_TYPES",
-    "SAMPLERS",
-    "TIME_GRIDS",
-    "TIME_SAMPLINGS",
-    "GaussianPath",
-    "Oracle",
-    "SamplingSpec",
-    "beta_sigma",
-    "cfg_field",
-    "cfg_net",
-    "count_nfe",
-    "get_loss",
-    "get_path",
-    "get_sampler",
-    "nfe",
-    "sample_time",
-    "solve",
-    "time_grid",
-    "velocity_field",
-]
+__all__ = list(core.__all__)

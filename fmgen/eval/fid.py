@@ -45,7 +45,7 @@ from fmgen.eval.features import (
     read_cache,
     write_cache,
 )
-from fmgen.eval.generate import NOISE_BLOCK, generate
+from fmgen.eval.generate import NOISE_BLOCK, generate, index_blocks
 from fmgen.eval.images import load_image_folder, to_uint8
 from fmgen.models.autoencoder import Autoencoder
 
@@ -260,9 +260,7 @@ def fid_block_size(num: int) -> int:
 def rank_blocks(num: int, rank: int, world: int) -> list[range]:
     """The blocks of global sample indices 0..num-1 that process ``rank`` of ``world`` draws:
     blocks of ``fid_block_size(num)`` consecutive indices, dealt out round-robin."""
-    size = fid_block_size(num)
-    starts = range(rank * size, num, world * size)
-    return [range(s, min(s + size, num)) for s in starts]
+    return index_blocks(num, rank, world, fid_block_size(num))
 
 
 def gather_samples(accelerator: Any, local: Tensor, num: int, shape: tuple[int, ...]) -> Tensor:

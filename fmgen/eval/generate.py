@@ -96,6 +96,12 @@ def generate(
 NOISE_BLOCK = 256
 
 
+def index_blocks(num: int, rank: int, world: int, size: int) -> list[range]:
+    """The blocks of global sample indices 0..num-1 that process ``rank`` of ``world`` draws:
+    blocks of ``size`` consecutive indices, dealt out round-robin."""
+    return [range(s, min(s + size, num)) for s in range(rank * size, num, world * size)]
+
+
 def block_noise(seed: int, start: int, count: int, shape: tuple[int, ...]) -> Tensor:
     """Initial noise of samples start..start+count-1, (count, *shape), drawn on the CPU.
 

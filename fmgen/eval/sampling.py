@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fmgen.core.sampling import SamplingSpec
-from fmgen.eval.generate import NOISE_BLOCK, SampleError, generate
+from fmgen.eval.generate import NOISE_BLOCK, SampleError, generate, index_blocks
 from fmgen.eval.images import merge_npz_parts, save_grid, save_samples
 from fmgen.models.store import LoadedModel
 
@@ -87,12 +87,13 @@ def draw_samples(
         dt = torch.bfloat16 if precision == "bf16" else torch.float16
         autocast = torch.autocast(device_type=device.type, dtype=dt)
     num, cond = request.num, request.cond
-    blocks = range(state.process_index, math.ceil(num / NOISE_BLOCK), state.num_processes)
+    blocks = index_blocks(num, state.process_index, state.num_processes, NOISE_BLOCK)
     first: Tensor | None = None
     with autocast:
-        for b in tqdm(blocks, disable=not state.is_main_process or len(blocks) < 2, desc="blocks"):
-            s = b * NOISE_BLOCK
-            n = min(NOISE_BLOCK, num - s)
+        for block in tqdm(
+            blocks, disable=not state.is_main_process or len(blocks) < 2, desc="blocks"
+        ):
+            s, n = block.start, len(block)
             c = cond[s : s + n] if cond is not None else None
             images = generate(loaded.model, loaded.path, spec, num=n, cond=c, start=s, seed=seed,
                               device=device, autoencoder=loaded.autoencoder,
@@ -100,7 +101,7 @@ def draw_samples(
             if out_dir is not None:
                 save_samples(images, c if loaded.model.conditional else None, out_dir, start=s,
                              fmt=fmt)  # fmt: skip
-            if b == 0:
+            if s == 0:
                 first = images
     grid = grid or Path(loaded.source) / "samples" / "grid.png"
     state.wait_for_everyone()

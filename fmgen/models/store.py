@@ -19,7 +19,7 @@ Layout of a run directory::
                                         autoencoder stage, path, classes, config
     RUN_DIR/export/fmgen_manifest.json  checksums of the export
 
-No file is a pickle: ``torch.load`` and ``pickle.load`` run code from the file, so a shared
+No file is a pickle: unpickling (torch's and pickle's loaders) runs code from the file, so a shared
 checkpoint could run anything on the machine that samples or resumes from it. Tensors are
 safetensors, everything else JSON. A folder is read only after its manifest verifies, so flipped
 bytes or a half-written copy are reported, naming the file, instead of loading silently.

@@ -6,7 +6,7 @@ checks that a resume is compatible.
 
 Accelerate's ``save_state``/``load_state`` are not used: they write the optimizer and the RNG
 states as pickles (optimizer.bin, random_states_<rank>.pkl) and read them back with
-``weights_only=False``, so a shared checkpoint could run code. Here tensors go to safetensors and
+weights-only off, so a shared checkpoint could run code. Here tensors go to safetensors and
 the rest to JSON, with the same content: the unwrapped model (main process), optimizer, EMA,
 GradScaler, and each rank's RNG states and data position (every rank writes its own).
 
