@@ -122,7 +122,7 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_images: int = 5000
     grad_clip: float = 1.0  # 0 disables clipping
-    fused: bool = False  # fused AdamW (CUDA)
+    fused: bool = False  # fused AdamW (CUDA and CPU): one kernel, no per-parameter host reads
 
 
 @dataclass

@@ -113,6 +113,7 @@ def cfm_loss(
     t: Tensor,
     eps: Tensor,
     y: Tensor | None = None,
+    check_t: bool = True,
 ) -> Tensor:
     """Conditional flow matching: mean over non-batch axes of |v_theta(x_t, t) - u_t(x_t | z)|^2.
 
@@ -120,17 +121,20 @@ def cfm_loss(
         net: ``net(x, t, y)`` (``net(x, t)`` when y is None) with a ``prediction_type``;
             non-velocity outputs are converted.
         z: (B, ...) data; t: (B,) times; eps: (B, ...) noise; y: (B,) labels or None.
+        check_t: validate t (one host-device sync); a caller whose times are in [0, 1] by
+            construction (the training loop draws them with ``sample_time``) passes False.
 
     Returns:
         (B,) per-sample losses.
     """
-    t = check_time(t)  # once per call: a host-device sync, not one per conversion
+    if check_t:
+        t = check_time(t)  # once per call, not once per conversion
     ps = path.sample(z, t, eps, check=False)
     v = _predict(net, ps.x, t, y, path, "velocity")  # (B, ...)
     return ((v - ps.velocity) ** 2).flatten(1).mean(1)
 
 
-def dsm_weight(path: GaussianPath, t: Tensor, weighting: str) -> Tensor:
+def dsm_weight(path: GaussianPath, t: Tensor, weighting: str, *, check_t: bool = True) -> Tensor:
     """lambda(t) of the DSM loss, shape of t.
 
     - ``beta2``: beta_t^2, so lambda |s + eps/beta|^2 = |eps_hat - eps|^2 (eps-prediction MSE).
@@ -142,7 +146,7 @@ def dsm_weight(path: GaussianPath, t: Tensor, weighting: str) -> Tensor:
         raise ValueError(
             f"unknown DSM weighting {weighting!r}; valid weightings: {', '.join(DSM_WEIGHTINGS)}"
         )
-    s = path.schedule(t)  # checks t (once per DSM call)
+    s = path.schedule(t, check=check_t)  # checks t (once per DSM call)
     if weighting == "beta2":
         return s.beta**2
     if weighting == "snr":
@@ -159,16 +163,19 @@ def dsm_loss(
     eps: Tensor,
     y: Tensor | None = None,
     weighting: str = "beta2",
+    check_t: bool = True,
 ) -> Tensor:
     """Denoising score matching: lambda(t) * mean over non-batch axes of |s_theta + eps / beta|^2.
 
-    ``lambda`` is chosen by ``weighting`` (see ``dsm_weight``); non-score outputs are converted.
+    ``lambda`` is chosen by ``weighting`` (see ``dsm_weight``); non-score outputs are converted;
+    ``check_t`` as in ``cfm_loss``.
     Singular at t = 1 (beta = 0): keep training times below 1 - t_min.
 
     Returns:
         (B,) per-sample losses.
     """
-    lam = dsm_weight(path, t, weighting)  # validates the name and t before the forward pass
+    # validates the name (and t, unless told not to) before the forward pass
+    lam = dsm_weight(path, t, weighting, check_t=check_t)
     ps = path.sample(z, t, eps, check=False)
     s = _predict(net, ps.x, t, y, path, "score")  # (B, ...)
     beta = expand_time(path.schedule(t, check=False).beta, ps.x)

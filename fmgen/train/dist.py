@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,61 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], device=device, dtype=torch.float64)
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
+
+
+# What gloo and NCCL say when a peer stops answering (a timeout) or is gone (a closed socket).
+_PEER_FAILURES = ("timed out", "connection closed", "connection reset", "broken pipe", "nccl error")
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because of another rank (timed out or gone)."""
+    dist_error = getattr(dist, "DistError", ())
+    return (dist_error and isinstance(e, dist_error)) or any(
+        s in str(e).lower() for s in _PEER_FAILURES
+    )
+
+
+def peer_failure(e: BaseException, *, rank: int, world: int, step: int, timeout_s: float) -> str:
+    """A message for a collective that failed on ``rank`` at ``step``, naming the ranks that
+    do not answer (asked through the store, waiting at most ``timeout_s``)."""
+    missing = unresponsive_ranks(rank, world, wait_s=min(30.0, timeout_s))
+    cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    if missing:
+        who = ", ".join(str(r) for r in missing)
+        return (
+            f"rank {who} of {world} stopped answering (frozen or dead) at step {step}: rank "
+            f"{rank} waited in a collective for train.dist_timeout_s={timeout_s:g} s ({cause}). "
+            f"Look at the log of rank {missing[0]} (a hang in data loading or I/O, a dead node); "
+            f"raise train.dist_timeout_s if one step legitimately takes longer"
+        )
+    if missing == []:  # every rank answered the store: a peer hit an error of its own and left
+        return (f"a collective failed on rank {rank} at step {step} ({cause}): another rank "
+                f"ended first; its error is the cause")  # fmt: skip
+    return f"a collective failed on rank {rank} at step {step} ({cause}); the other ranks cannot be asked"
+
+
+def unresponsive_ranks(rank: int, world: int, wait_s: float) -> list[int] | None:
+    """After a failed collective: the ranks that do not answer within ``wait_s`` seconds.
+
+    Every surviving rank writes a key into the process group's store (the launcher's TCP store,
+    which outlives a frozen or dead worker) and looks for the others' keys; a frozen or dead
+    rank never writes its own. None when the store cannot be reached (it died with the
+    launcher, or there is no process group).
+    """
+    if not distributed():
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()  # no public accessor in torch
+        store.set(f"fmgen/answer/{rank}", "1")
+        keys = {r: f"fmgen/answer/{r}" for r in range(world)}
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [r for r, k in keys.items() if not store.check([k])]
+            if not missing or time.monotonic() >= deadline:
+                return missing
+            time.sleep(0.2)
+    except Exception:  # the store's own errors are not worth more than "unknown"
+        return None
 
 
 def make_accelerator(cfg: Config) -> Accelerator:

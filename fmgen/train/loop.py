@@ -46,7 +46,13 @@ from fmgen.models import (
 from fmgen.models.store import checkpoint_name, find_checkpoint, step_folders
 from fmgen.train.checkpoint import remove_leftovers, restore_checkpoint, save_checkpoint
 from fmgen.train.compile_check import check_compiled_gradients
-from fmgen.train.dist import any_rank, make_accelerator, mean_over_ranks
+from fmgen.train.dist import (
+    any_rank,
+    is_collective_failure,
+    make_accelerator,
+    mean_over_ranks,
+    peer_failure,
+)
 from fmgen.train.errors import TrainingError
 from fmgen.train.lock import hold_run_folder
 from fmgen.train.tracking import Tracker
@@ -274,7 +280,7 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss, bad = 0.0, False
+            step_loss = torch.zeros((), device=device)  # read at the log interval only
             for micro in range(accum):
                 z, y = next(batches)  # (b, C, H, W) in [-1, 1], (b,)
                 z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -286,23 +292,22 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                 if cfg.train.channels_last:
                     z = z.contiguous(memory_format=torch.channels_last)
                 with accelerator.autocast():
-                    per_sample = loss_fn(
-                        net, z, path, t=t[mine], eps=eps[mine], y=y_in, **loss_kwargs
-                    )
+                    # t lies in [t_min, 1 - t_min] by construction: no check (a host sync)
+                    per_sample = loss_fn(net, z, path, t=t[mine], eps=eps[mine], y=y_in,
+                                         check_t=False, **loss_kwargs)  # fmt: skip
                 loss = per_sample.float().mean()
-                if any_rank(not bool(torch.isfinite(loss)), device):
-                    bad = True  # every rank skips together, so DDP stays in step
-                    break
                 last = micro == accum - 1
                 with accelerator.no_sync(net) if not last else contextlib.nullcontext():
                     accelerator.backward(loss / accum)
-                step_loss += loss.item() / accum
-            grad_norm = float("nan")
-            if not bad:
-                clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-                grad_norm = float(accelerator.clip_grad_norm_(net.parameters(), clip))
-                if not math.isfinite(grad_norm) and accelerator.scaler is None:
-                    bad = True  # with fp16's GradScaler, optimizer.step() skips and rescales
+                step_loss += loss.detach() / accum
+            # The finite check is one host read and no collective: a non-finite loss on any rank
+            # makes its gradients non-finite, DDP's all-reduce spreads them to every rank, so the
+            # norm of the synchronized gradients is non-finite on all ranks alike and they skip
+            # the step together.
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = accelerator.clip_grad_norm_(net.parameters(), clip)  # () on the device
+            # with fp16's GradScaler, optimizer.step() itself skips a non-finite step and rescales
+            bad = accelerator.scaler is None and not bool(torch.isfinite(grad_norm))
             if not bad:
                 optimizer.step()
                 # fp16: the GradScaler found inf/NaN gradients and skipped the update; the EMA
@@ -341,7 +346,8 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
 
             if state.step % cfg.train.log_every_steps == 0 or state.step == total_steps:
                 elapsed = time.perf_counter() - window_t0
-                mean_loss = mean_over_ranks(window_loss / max(1, window_n), device)
+                mean_loss = mean_over_ranks(float(window_loss) / max(1, window_n), device)
+                grad_norm = float(grad_norm)
                 scalars = {
                     "train/loss": mean_loss,
                     "train/lr": lr,
@@ -380,7 +386,9 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                 if main:
                     tracker.log({"eval/fid": record["fid"]}, step=state.step)
 
-            stopping = any_rank(stop.set, device)
+            # the ranks agree on a stop signal (one all-reduce) every N steps, not every step
+            every = cfg.train.stop_check_every_steps
+            stopping = (world == 1 or state.step % every == 0) and any_rank(stop.set, device)
             due = state.images % cfg.train.checkpoint_every_images < cfg.train.batch_size
             if stopping or due or state.step == total_steps:
                 last_ckpt = save_checkpoint(
@@ -401,6 +409,12 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                 return TrainResult(
                     run_dir, state.step, state.images, True, last_ckpt, None, None, None
                 )
+    except RuntimeError as e:
+        if world > 1 and not isinstance(e, FmgenError) and is_collective_failure(e):
+            # name the frozen rank, not gloo's or NCCL's socket
+            raise TrainingError(peer_failure(e, rank=rank, world=world, step=state.step,
+                                             timeout_s=cfg.train.dist_timeout_s)) from e  # fmt: skip
+        raise
     finally:
         pbar.close()
         for sig, handler in old_handlers.items():
