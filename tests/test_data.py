@@ -339,7 +339,7 @@ def test_label_outside_classes_found_while_decoding(d8, tmp_path, num_workers):
     loader = ShardLoader(data, 64, resampled=False, num_workers=num_workers)
     with pytest.raises(
         DataError,
-        match=r"00000310 of .*train-000002\.tar has label 12, outside the manifest's 10 classes",
+        match=r"00000310 of .*train-000002\.tar has label 12, outside the 10 classes",
     ):
         collect(loader)
 

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fmgen.data.decode import Decoding
 from fmgen.data.shards import MANIFEST, DataError, Manifest, read_manifest
 from fmgen.data.stream import (
     LaneDataset,
@@ -215,13 +216,17 @@ class ShardLoader:
             )
         per_rank = epoch_batches or max(1, self.num_samples // (world_size * batch_size))
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        decoding = Decoding(
+            resolution=self.manifest.resolution,
+            channels=self.manifest.channels,
+            num_classes=self.manifest.num_classes,
+            image_key=self.manifest.image_format,
+            fit="none",
+        )
         self._spec = LaneSpec(
             shards=tuple(str(p) for p in paths),
             shard_samples=tuple(self._counts(paths)),
-            num_classes=self.manifest.num_classes,
-            resolution=self.manifest.resolution,
-            channels=self.manifest.channels,
-            image_ext=self.manifest.image_format,
+            decoding=decoding,
             batch_size=batch_size,
             rank=rank,
             world_size=world_size,
@@ -234,6 +239,7 @@ class ShardLoader:
             return_keys=return_keys,
             lane_samples=math.ceil(per_rank / lanes) * batch_size,
             corrupt_limit=max(1000, 2 * self.num_samples),
+            empty_limit=max(20, 2 * len(paths)),
         )
         self._skipped_base = 0
         self._start_epoch(0)

@@ -8,7 +8,7 @@ and the start position, which is what makes an exact restore possible.
 
 from __future__ import annotations
 
-import io
+import collections
 import itertools
 import logging
 import random
@@ -19,10 +19,11 @@ from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
+from fmgen.data.decode import Decoding, Unusable, decode, hint
 from fmgen.data.shards import DataError
+from fmgen.data.urls import open_shard
 
 log = logging.getLogger("fmgen.data")
 
@@ -42,12 +43,9 @@ def _seed(*parts: int) -> int:
 class LaneSpec:
     """Everything a lane needs; picklable (sent to DataLoader workers)."""
 
-    shards: tuple[str, ...]
-    shard_samples: tuple[int, ...]  # samples per shard (the manifest's), to count lost ones
-    num_classes: int
-    resolution: int
-    channels: int
-    image_ext: str
+    shards: tuple[str, ...]  # local paths or URLs (fmgen.data.urls)
+    shard_samples: tuple[int | None, ...]  # samples per shard (manifest or index), to count lost ones
+    decoding: Decoding
     batch_size: int
     rank: int
     world_size: int
@@ -59,7 +57,8 @@ class LaneSpec:
     drop_last: bool
     return_keys: bool
     lane_samples: int  # resampled mode: samples a lane reads per epoch
-    corrupt_limit: int  # consecutive unusable samples (or empty shards) before giving up
+    corrupt_limit: int  # consecutive unusable samples before giving up
+    empty_limit: int  # shards in a row that yield no sample (unreadable, failed downloads)
 
 
 @dataclass(frozen=True)
@@ -79,14 +78,11 @@ class LaneItem(NamedTuple):
     images: np.ndarray | None  # (B, H, W, C) uint8
     labels: np.ndarray | None  # (B,) int64
     keys: list[str] | None
+    captions: list[str] | None
     lane: int
     position: LanePosition  # after this item
     skipped: int  # corrupt samples this lane skipped since the iterator started
     message: str = ""
-
-
-class _Corrupt(Exception):
-    pass
 
 
 class _Skips:
@@ -107,7 +103,6 @@ class _Skips:
             )
 
 
-_PIL_FORMATS = {"png": ("PNG",), "jpg": ("JPEG",)}  # skips probing every other format
 _BLOCK = 512
 _ZEROS = bytes(_BLOCK)
 
@@ -163,48 +158,60 @@ def tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
             pax, long_name = {}, ""
 
 
+def shard_samples(location: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of one shard's samples, in order (WebDataset's grouping:
+    consecutive members sharing the name up to the first dot of the file name).
+
+    Raises ``tarfile.TarError`` / ``OSError`` when the shard cannot be read to its end, after
+    the complete samples before; the sample being read then is lost.
+    """
+    key, members = "", {}
+    with open_shard(location) as f:
+        for name, data in tar_members(f):
+            folder, _, file = name.rpartition("/")
+            base, dot, ext = file.partition(".")
+            if not dot:
+                continue
+            base = f"{folder}/{base}" if folder else base
+            if base != key:
+                if members:
+                    yield key, members
+                key, members = base, {}
+            members[ext.lower()] = data
+    if members:
+        yield key, members
+
+
 def _tar_samples(
     paths: Iterator[str], on_error: Callable[[str, str, int], None], limit: int,
-    expected: dict[str, int],
+    expected: dict[str, int | None],
 ) -> Iterator[tuple[str, dict[str, bytes], str]]:  # fmt: skip
-    """(key, {extension: bytes}, shard path) for consecutive tar members sharing a key.
+    """(key, {extension: bytes}, shard) of every sample of the shards ``paths``.
 
-    A shard that cannot be read to its end (truncated, corrupt, gone) reports the samples it
-    still owed by the manifest's count (``expected``) as lost, naming the shard.
+    A shard that cannot be read to its end (truncated, corrupt, gone, a failed download)
+    reports the samples it still owed by the manifest's count (``expected``; unknown: one) as
+    lost, naming the shard.
     """
     empty = 0
     for path in paths:
-        key, members, n, read_to_end = "", {}, 0, True
+        n, key, read_to_end = 0, "", True
         try:
-            with open(path, "rb", buffering=1 << 20) as f:
-                for name, data in tar_members(f):
-                    folder, _, file = name.rpartition("/")
-                    base, dot, ext = file.partition(".")
-                    if not dot:
-                        continue
-                    base = f"{folder}/{base}" if folder else base
-                    if base != key:
-                        if members:
-                            n += 1
-                            yield key, members, path
-                        key, members = base, {}
-                    members[ext.lower()] = data
+            for key, members in shard_samples(path):
+                n += 1
+                yield key, members, path
         except (tarfile.TarError, OSError, EOFError) as e:
-            lost = max(1, expected.get(path, n + 1) - n)  # the partial sample included
-            on_error(f"shard {path} (after key {key!r})",
-                     f"unreadable tar: {type(e).__name__}: {e}", lost)  # fmt: skip
-            members, read_to_end = {}, False
-        if members:
-            n += 1
-            yield key, members, path
-        if read_to_end and n < expected.get(path, 0):  # cut at a member boundary: no error
-            on_error(f"shard {path}", f"it ended after {n} of its {expected[path]} samples",
-                     expected[path] - n)  # fmt: skip
+            owed = expected.get(path)
+            on_error(f"shard {path} (after key {key!r})", f"unreadable tar: {type(e).__name__}: {e}",
+                     max(1, owed - n) if owed is not None else 1)  # fmt: skip
+            read_to_end = False
+        owed = expected.get(path)
+        if read_to_end and owed is not None and n < owed:  # cut at a member boundary
+            on_error(f"shard {path}", f"it ended after {n} of its {owed} samples", owed - n)
         empty = 0 if n else empty + 1
         if empty > limit:
             raise DataError(
                 f"{empty} shards in a row yielded no sample (last: {path}); the shards look "
-                f"corrupt: prepare them again"
+                f"corrupt or cannot be read: check data.path"
             )
 
 
@@ -224,33 +231,6 @@ def _shuffled(items: Iterator[Any], rng: random.Random, size: int) -> Iterator[A
         i = rng.randrange(len(buf))
         buf[i], buf[-1] = buf[-1], buf[i]
         yield buf.pop()
-
-
-def _decode(members: dict[str, bytes], spec: LaneSpec, where: str) -> tuple[np.ndarray, int]:
-    """-> uint8 (H, W, C) image and label; ``_Corrupt`` for a sample to skip."""
-    data = members.get(spec.image_ext)
-    if data is None:
-        raise _Corrupt(f"no .{spec.image_ext} member (has {sorted(members)})")
-    try:
-        with Image.open(io.BytesIO(data), formats=_PIL_FORMATS[spec.image_ext]) as im:
-            mode = "L" if spec.channels == 1 else "RGB"
-            arr = np.asarray(im if im.mode == mode else im.convert(mode))
-    except Exception as e:  # PIL raises many types for bad bytes
-        raise _Corrupt(f"undecodable .{spec.image_ext}: {type(e).__name__}: {e}") from None
-    r = spec.resolution
-    if arr.shape[:2] != (r, r):
-        raise _Corrupt(f"image is {arr.shape[1]}x{arr.shape[0]}, the manifest says {r}x{r}")
-    try:
-        label = int(members["cls"])
-    except (KeyError, ValueError):
-        raise _Corrupt("missing or non-integer .cls member") from None
-    if not 0 <= label < spec.num_classes:
-        raise DataError(
-            f"sample {where} has label {label}, outside the manifest's {spec.num_classes} classes "
-            f"(0..{spec.num_classes - 1}); the shards and manifest.json disagree: prepare the "
-            f"shards again or fix the manifest's classes"
-        )
-    return arr.reshape(r, r, spec.channels), label
 
 
 def _epoch_samples(
@@ -275,7 +255,7 @@ def _epoch_samples(
         if cursor >= skip:  # errors before the restored position were counted by the saved run
             skips.add(where, reason, count)
 
-    raw = _tar_samples(paths, on_error, spec.corrupt_limit,
+    raw = _tar_samples(paths, on_error, spec.empty_limit,
                        dict(zip(spec.shards, spec.shard_samples, strict=True)))  # fmt: skip
     if spec.resampled:  # a fixed-size epoch whose shuffle buffer drains: nothing read is wasted
         raw = itertools.islice(raw, spec.lane_samples)
@@ -293,10 +273,13 @@ def _lane_batches(
 ) -> Iterator[LaneItem]:
     """A lane's batches from ``start``: forever (resampled; batches may span epochs) or to the
     end of the epoch, then an "end" item."""
-    B, r, c = spec.batch_size, spec.resolution, spec.channels
+    d = spec.decoding
+    B, r, c = spec.batch_size, d.resolution, d.channels
     images, labels = np.empty((B, r, r, c), np.uint8), np.empty(B, np.int64)
     keys: list[str] = []
-    n = bad = 0
+    captions: list[str] = []
+    n = bad = used = 0
+    reasons: collections.Counter[str] = collections.Counter()
     epoch, cursor = start.epoch, start.cursor
 
     def item(n: int, position: LanePosition) -> LaneItem:
@@ -305,6 +288,7 @@ def _lane_batches(
             images[:n].copy(),
             labels[:n].copy(),
             list(keys) if spec.return_keys else None,
+            list(captions) if d.caption_key else None,
             lane,
             position,
             skips.n,
@@ -314,29 +298,36 @@ def _lane_batches(
         skip = start.cursor if epoch == start.epoch else 0
         for cursor, key, members, path, flip in _epoch_samples(spec, lane, epoch, skip, skips):
             try:
-                arr, labels[n] = _decode(members, spec, f"{key} of {path}")
-            except _Corrupt as e:
+                arr, labels[n], caption = decode(members, d, f"{key} of {path}")
+            except Unusable as e:
                 skips.add(f"{key} of {path}", str(e))
                 bad += 1
-                if bad > spec.corrupt_limit:
+                reasons[e.kind] += 1
+                unusable = sum(reasons.values())
+                # in a row, or most of what was read: never train on the few that decode
+                if bad > spec.corrupt_limit or (unusable > 256 and unusable > used):
+                    kind = reasons.most_common(1)[0][0]
                     raise DataError(
-                        f"{bad} samples in a row could not be decoded (last: {key} of {path}); the "
-                        f"shards look corrupt: prepare them again"
+                        f"{unusable} of {unusable + used} samples read could not be used (last: "
+                        f"{key} of {path}: {e}); {hint(kind, d)}"
                     ) from None
                 continue
-            bad = 0
+            bad, used = 0, used + 1
             images[n] = arr[:, ::-1] if flip else arr
             if spec.return_keys:
                 keys.append(key)
+            if d.caption_key:
+                captions.append(caption)
             n += 1
             if n == B:
                 end = spec.resampled and cursor == spec.lane_samples
                 yield item(n, LanePosition(epoch + 1, 0) if end else LanePosition(epoch, cursor))
                 images, labels, n = np.empty_like(images), np.empty_like(labels), 0
                 keys.clear()
+                captions.clear()
     if n and not spec.drop_last:
         yield item(n, LanePosition(epoch, cursor))
-    yield LaneItem("end", None, None, None, lane, LanePosition(epoch, cursor, True), skips.n)
+    yield LaneItem("end", None, None, None, None, lane, LanePosition(epoch, cursor, True), skips.n)
 
 
 def lane_items(spec: LaneSpec, lane: int, start: LanePosition) -> Iterator[LaneItem]:
@@ -345,7 +336,7 @@ def lane_items(spec: LaneSpec, lane: int, start: LanePosition) -> Iterator[LaneI
         if spec.resampled or not start.done:
             yield from _lane_batches(spec, lane, start, skips)
     except DataError as e:  # re-raised by the main process with its own message, no worker trace
-        yield LaneItem("error", None, None, None, lane, start, skips.n, str(e))
+        yield LaneItem("error", None, None, None, None, lane, start, skips.n, str(e))
 
 
 class LaneDataset(torch.utils.data.IterableDataset):

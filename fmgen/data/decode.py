@@ -1,0 +1,133 @@
+"""One sample's tar members -> (image, label, caption): which members, and fitting the image.
+
+Shards written by other tools differ from fmgen's in three ways, each an option here:
+
+- the image member (``image_key``; default the first of jpg, jpeg, png, webp the sample has);
+- the label (``label_key``, an integer as text such as WebDataset's ``cls``; empty: none, every
+  sample is label 0 of one class, for unconditional training);
+- the image size (``fit``): ``center-crop`` resizes the shorter side to the resolution (bicubic,
+  antialiased) and crops the middle, as ``prepare`` does; ``resize`` squeezes to R x R whatever
+  the aspect; ``pad`` fits the longer side and pads with black; ``none`` keeps fmgen's strict
+  check (a wrong size is an unusable sample).
+
+A caption member (``caption_key``, e.g. img2dataset's ``txt``) rides along as text.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from fmgen.data.shards import DataError
+
+FITS = ("center-crop", "resize", "pad", "none")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# naming the format skips PIL's probing of every other one; other keys probe
+_PIL_FORMATS = {"png": ("PNG",), "jpg": ("JPEG",), "jpeg": ("JPEG",), "webp": ("WEBP",)}
+_RESAMPLE = Image.Resampling.BICUBIC
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a lane turns members into training samples (picklable, sent to workers)."""
+
+    resolution: int
+    channels: int  # 1 (L) or 3 (RGB)
+    num_classes: int
+    image_key: str = ""  # "" = the first of IMAGE_KEYS present
+    label_key: str = "cls"  # "" = no labels: every sample is class 0
+    caption_key: str = ""  # "" = no captions
+    fit: str = "center-crop"
+
+
+class Unusable(Exception):
+    """A sample to skip; ``kind`` groups the reasons so the final error can name the cause."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+
+
+def hint(kind: str, d: Decoding) -> str:
+    """What to change when most samples are unusable for reason ``kind``."""
+    return {
+        "size": f"the image sizes differ from data.resolution={d.resolution}; set data.fit "
+        f"(center-crop, resize or pad) to fit them while loading",
+        "no-image": "the samples have no image member of that name; set data.image_key",
+        "label": f"the samples have no integer .{d.label_key} member; set data.label_key to "
+        f"their label member, or data.label_key= (empty) to train unconditionally",
+        "undecodable": "the image bytes cannot be decoded; the shards are damaged",
+    }.get(kind, "the shards look corrupt")
+
+
+def _image_member(members: dict[str, bytes], d: Decoding) -> tuple[str, bytes]:
+    if d.image_key:
+        if d.image_key in members:
+            return d.image_key, members[d.image_key]
+    else:
+        for key in IMAGE_KEYS:
+            if key in members:
+                return key, members[key]
+    wanted = f".{d.image_key}" if d.image_key else "image (." + ", .".join(IMAGE_KEYS) + ")"
+    raise Unusable("no-image", f"no {wanted} member (has {sorted(members)})")
+
+
+def fit(im: Image.Image, d: Decoding) -> Image.Image:
+    """``im`` in mode L or RGB fitted to resolution x resolution as ``d.fit`` says."""
+    r = d.resolution
+    w, h = im.size
+    if (w, h) == (r, r) or d.fit == "none":
+        return im
+    if d.fit == "resize":
+        return im.resize((r, r), _RESAMPLE)
+    if d.fit == "pad":
+        s = r / max(w, h)
+        nw, nh = max(1, round(w * s)), max(1, round(h * s))
+        canvas = Image.new(im.mode, (r, r), 0)
+        canvas.paste(im.resize((nw, nh), _RESAMPLE), ((r - nw) // 2, (r - nh) // 2))
+        return canvas
+    s = r / min(w, h)  # center-crop
+    nw, nh = max(r, round(w * s)), max(r, round(h * s))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), _RESAMPLE)
+    left, top = (nw - r) // 2, (nh - r) // 2
+    return im.crop((left, top, left + r, top + r))
+
+
+def decode(members: dict[str, bytes], d: Decoding, where: str) -> tuple[np.ndarray, int, str]:
+    """-> uint8 (R, R, C) image, label, caption; ``Unusable`` for a sample to skip.
+
+    Raises:
+        DataError: a label outside 0..num_classes-1 (the shards and the class count disagree:
+            not a sample to skip).
+    """
+    key, data = _image_member(members, d)
+    r, mode = d.resolution, "L" if d.channels == 1 else "RGB"
+    try:
+        with Image.open(io.BytesIO(data), formats=_PIL_FORMATS.get(key)) as im:
+            if d.fit != "none" and min(im.size) >= 2 * r:
+                im.draft(mode, (r, r))  # JPEG: decode at 1/2..1/8 scale, still >= R x R
+            im = im if im.mode == mode else im.convert(mode)
+            arr = np.asarray(fit(im, d))
+    except Exception as e:  # PIL raises many types for bad bytes
+        raise Unusable("undecodable", f"undecodable .{key}: {type(e).__name__}: {e}") from None
+    if arr.shape[:2] != (r, r):
+        raise Unusable("size", f"image is {arr.shape[1]}x{arr.shape[0]}, not {r}x{r}")
+    label = 0
+    if d.label_key:
+        try:
+            label = int(members[d.label_key])
+        except (KeyError, ValueError):
+            raise Unusable("label", f"missing or non-integer .{d.label_key} member") from None
+        if not 0 <= label < d.num_classes:
+            raise DataError(
+                f"sample {where} has label {label}, outside the {d.num_classes} classes "
+                f"(0..{d.num_classes - 1}); set data.num_classes, or fix the manifest's classes"
+            )
+    caption = ""
+    if d.caption_key and d.caption_key in members:
+        caption = members[d.caption_key].decode("utf-8", "replace")
+    return arr.reshape(r, r, d.channels), label, caption

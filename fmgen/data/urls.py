@@ -1,0 +1,144 @@
+"""Where shards come from: local files, folders, brace patterns and URLs.
+
+``data.path`` of a ``webdataset`` source names shards as WebDataset users write them:
+
+- a local folder (its ``*.tar``, ``*.tar.gz`` and ``*.tgz`` files, sorted; other files such as
+  img2dataset's parquet and ``_stats.json`` are ignored);
+- a brace pattern, local or remote: ``/data/train-{000000..000999}.tar``,
+  ``https://host/shards/train-{0000..0099}.tar``;
+- a list of either;
+- URLs of any scheme WebDataset's opener knows: ``pipe:CMD`` (the command writes the shard to
+  stdout: ``pipe:aws s3 cp s3://bucket/train-000000.tar -``, ``pipe:gcloud storage cat gs://...``),
+  ``file:PATH``, ``http://``, ``https://`` (through curl), and WebDataset's others.
+
+Remote streams are opened with ``webdataset.gopen`` (so ``GOPEN_REWRITE``, ``GOPEN_VERBOSE`` and
+the AIS settings work as WebDataset documents); local files with a large read buffer. The bytes
+are parsed by fmgen's tar reader (``fmgen.data.stream.tar_members``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from fmgen.data.shards import DataError
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):")  # two letters at least: not a drive letter
+_READ_BUFFER = 1 << 20
+
+
+def is_url(location: str) -> bool:
+    """``pipe:...``, ``http://...``, ``file:...`` and other schemes (a local path has none)."""
+    return bool(_SCHEME.match(location))
+
+
+def shard_name(location: str) -> str:
+    """The last path component of a shard location (``pipe:`` commands: the last word)."""
+    text = location[5:].split()[-1] if location.startswith("pipe:") else location
+    return text.rstrip("/").rsplit("/", 1)[-1]
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """The shard locations ``spec`` names, in order, each once; local files checked.
+
+    Raises:
+        DataError: nothing named, a folder with no shards, missing or zero-byte local files.
+    """
+    import braceexpand
+
+    items = [spec] if isinstance(spec, str) else list(spec)
+    found: list[str] = []
+    for item in items:
+        text = str(item).strip()
+        if not text:
+            continue
+        if not is_url(text) and Path(text).is_dir():
+            files = sorted(
+                str(p)
+                for p in Path(text).iterdir()
+                if p.is_file() and p.name.lower().endswith(SHARD_SUFFIXES)
+            )
+            if not files:
+                raise DataError(
+                    f"the folder {text} holds no shards (*.tar, *.tar.gz, *.tgz); point data.path "
+                    f"at a shard folder, a brace pattern or URLs"
+                )
+            found += files
+        else:
+            found += [u.strip() for u in braceexpand.braceexpand(text) if u.strip()]
+    if not found:
+        raise DataError(
+            f"data.path={spec!r} names no shards: give a folder, a brace pattern such as "
+            f"/data/train-{{000000..000099}}.tar, URLs (http://, https://, pipe:CMD, file:) or a "
+            f"list of them"
+        )
+    locations = list(dict.fromkeys(found))
+    local = [u for u in locations if not is_url(u) or u.startswith("file:")]
+    paths = [Path(re.sub(r"^file:(//)?", "", u)) for u in local]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of the {len(locations)} shards do not exist, e.g. {missing[0]}; fix "
+            f"data.path (a folder, a brace pattern or URLs)"
+        )
+    empty = [str(p) for p in paths if not p.stat().st_size]
+    if empty:
+        raise DataError(
+            f"{len(empty)} shard(s) are empty (0 bytes), e.g. {empty[0]}: a failed copy or a "
+            f"full disk; copy them again"
+        )
+    return locations
+
+
+class _Peekable(io.RawIOBase):
+    """A read-only raw stream over any object with ``read(n)``, for ``io.BufferedReader``."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self._f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+@contextlib.contextmanager
+def open_shard(location: str) -> Iterator[BinaryIO]:
+    """A buffered binary stream (with ``peek``) of one shard; closed, and checked, on exit.
+
+    A ``pipe:`` or curl command that fails raises ``OSError`` naming its exit status when the
+    stream closes, so a shard cut short by a failed download is never mistaken for a short one.
+    """
+    if not is_url(location):
+        with open(location, "rb", buffering=_READ_BUFFER) as f:
+            yield f
+        return
+    from webdataset import gopen
+
+    handle = gopen(location, "rb", bufsize=_READ_BUFFER)
+    # A Pipe (pipe:, http(s) through curl) polls its process on every read(); its buffered
+    # stdout is read directly instead, and the exit status is checked once, on close.
+    stream = getattr(handle, "stream", handle)
+    if not hasattr(stream, "peek"):
+        stream = io.BufferedReader(_Peekable(stream), _READ_BUFFER)
+    try:
+        yield stream  # type: ignore[misc]
+    except BaseException:
+        with contextlib.suppress(OSError):  # the reader's own error is the one to report
+            handle.close()
+        raise
+    try:
+        handle.close()
+    except OSError as e:  # Pipe: "(args): exit N (read) ..."
+        status = re.search(r"exit (-?\d+)", str(e))
+        raise OSError(
+            f"reading {location} failed (exit status {status.group(1) if status else '?'})"
+        ) from None
