@@ -24,3 +24,14 @@ def setup_logging() -> None:
     )
     for noisy in ("httpx", "urllib3", "wandb", "diffusers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def file_hash(path: str | os.PathLike[str]) -> str:
+    """The first 16 hex digits of a file's sha256, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

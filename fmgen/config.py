@@ -63,8 +63,10 @@ def _load_yaml(text: str) -> Any:
 
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits | folder | hf | shards (already prepared)
-    path: str = "data/digits-16"  # shard folder holding manifest.json
+    source: str = "digits"  # digits | folder | hf | shards (prepared by fmgen) | webdataset (any)
+    # prepared sources: the shard folder holding manifest.json. webdataset: a folder, a brace
+    # pattern, URLs (pipe:CMD, file:, http://, https://), a list of them, or an index folder
+    path: str | list[str] = "data/digits-16"
     source_path: str = ""  # image folder / save_to_disk folder / hub name for folder|hf
     image_column: str = "image"
     label_column: str = ""
@@ -74,6 +76,13 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 1000
     in_memory: bool = False  # read every sample once, then index a seeded global permutation
+    # --- webdataset sources (shards fmgen did not write) ---
+    manifest: str = ""  # an index (python -m fmgen.data index) or manifest: counts and classes
+    image_key: str = ""  # the image member; "" = the first of jpg, jpeg, png, webp present
+    label_key: str = "cls"  # integer label member; "" = no labels (unconditional)
+    num_classes: int = 0  # classes of label_key when no index says (0 = from the index)
+    caption_key: str = ""  # a text member carried in the batch (e.g. txt); not used by models yet
+    fit: str = "center-crop"  # images of another size: center-crop | resize | pad | none (refuse)
 
 
 @dataclass
@@ -225,7 +234,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], key)
+        for alternative in args[:-1]:  # the first type that takes the value, e.g. str | list[str]
+            try:
+                return _coerce(value, alternative, key)
+            except ConfigError:
+                pass
+        return _coerce(value, args[-1], key)
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -409,6 +423,7 @@ def validate(cfg: Config) -> None:
         "train.max_nonfinite_steps",
         "train.seed",
         "data.shuffle_buffer",
+        "data.num_classes",
     ]
     for key in non_negative:
         if _get(cfg, key) < 0:

@@ -1,8 +1,9 @@
 """Training data: a streaming loader over WebDataset shards whose position can be saved exactly.
 
 Shards and their manifest (format: ``fmgen.data.shards``) are written by ``prepare``
-(``fmgen.data.sources``; run as ``python -m fmgen.data prepare ...``). ``ShardLoader`` reads
-them on each rank; its workers run ``fmgen.data.stream``:
+(``fmgen.data.sources``; run as ``python -m fmgen.data prepare ...``); with ``webdataset=True``
+any WebDataset shards are read, local or remote (``fmgen.data.urls``), with or without an index.
+``ShardLoader`` reads them on each rank; its workers run ``fmgen.data.stream``:
 
 * The stream of one rank is split into L = max(1, num_workers) *lanes*, one per DataLoader
   worker. A lane's stream is a sequence of epochs; epoch e of lane l on rank r draws its shard
@@ -42,8 +43,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fmgen.data.decode import Decoding
-from fmgen.data.shards import MANIFEST, DataError, Manifest, read_manifest
+from fmgen.data.decode import FITS, Decoding
+from fmgen.data.index import ShardIndex
+from fmgen.data.locate import (
+    NOMINAL_SHARD_SAMPLES,
+    first_sample,
+    resolve_shards,
+    resolve_webdataset,
+)
+from fmgen.data.shards import DataError, Manifest
 from fmgen.data.stream import (
     LaneDataset,
     LaneItem,
@@ -54,6 +62,7 @@ from fmgen.data.stream import (
     to_float,
     worker_init,
 )
+from fmgen.data.urls import shard_name
 
 log = logging.getLogger("fmgen.data")
 
@@ -64,72 +73,6 @@ def _default_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _resolve_shards(source: str | Path, manifest: str | Path | None) -> tuple[Manifest, list[Path]]:
-    """The manifest and the shard files selected by a folder or a brace pattern, all checked."""
-    text = str(source).strip()
-    if not text:
-        raise DataError(
-            "the shard source is empty: pass a folder holding manifest.json (e.g. data/digits-16) "
-            "or a brace pattern such as data/digits-16/train-{000000..000001}.tar"
-        )
-    if Path(text).is_dir() or (text.endswith(".json") and Path(text).is_file()):
-        m = read_manifest(manifest if manifest is not None else text)
-        root = m.root or Path(text)
-        selected = list(m.shards)
-        if not selected:
-            raise DataError(f"{root / MANIFEST} lists no shards; prepare the shards again")
-    else:
-        import braceexpand
-
-        urls = [u for u in braceexpand.braceexpand(text) if u.strip()]
-        if not urls:
-            raise DataError(f"the shard pattern {text!r} expands to no file names; fix the pattern")
-        if manifest is None and not Path(urls[0]).parent.joinpath(MANIFEST).is_file():
-            raise DataError(
-                f"{text!r} is neither a folder holding {MANIFEST} nor a pattern of shards beside "
-                f"one; pass the prepared folder, or the manifest with manifest=..."
-            )
-        m = read_manifest(manifest if manifest is not None else Path(urls[0]).parent)
-        root = m.root or Path(".")
-        by_name = {s.name: s for s in m.shards}
-        selected = []
-        for u in dict.fromkeys(urls):
-            if Path(u).name not in by_name:
-                raise DataError(
-                    f"shard {u} of the pattern {text!r} is not listed in {root / MANIFEST}; "
-                    f"use one of {m.pattern!r} or prepare the shards again"
-                )
-            selected.append(by_name[Path(u).name])
-    paths = [root / s.name for s in selected]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise DataError(
-            f"{len(missing)} shard(s) listed in {root / MANIFEST} are missing, e.g. {missing[0]}; "
-            f"prepare the shards again (`python -m fmgen.data prepare ... --out {root} "
-            f"--overwrite`)"
-        )
-    # a zero-byte file is a failed copy or a full disk, never a shard: stop before training
-    empty = [
-        str(p)
-        for p, s in zip(paths, selected, strict=True)
-        if s.num_samples and not p.stat().st_size
-    ]
-    if empty:
-        raise DataError(
-            f"{len(empty)} shard(s) listed in {root / MANIFEST} are empty (0 bytes), e.g. "
-            f"{empty[0]}; copy them again or prepare the shards again"
-        )
-    for s in selected:
-        if s.label_min < 0 or s.label_max >= m.num_classes:
-            bad = s.label_min if s.label_min < 0 else s.label_max
-            raise DataError(
-                f"shard {s.name} holds label {bad}, outside the manifest's {m.num_classes} classes "
-                f"(0..{m.num_classes - 1}); fix classes.names in {root / MANIFEST} or prepare the "
-                f"shards again"
-            )
-    return m, paths
 
 
 class ShardLoader:
@@ -157,15 +100,22 @@ class ShardLoader:
             multiple of max(1, num_workers)); default: one pass's worth,
             ``num_samples // (world_size * batch_size)``. Ignored in epoch mode.
         prefetch_factor: batches each worker prepares ahead.
+        webdataset: read shards that fmgen did not write (``source``: a folder, brace pattern,
+            URLs or a list, see ``fmgen.data.urls``; or an index folder). No manifest needed;
+            ``manifest`` may name an index (``python -m fmgen.data index``) or a manifest for
+            sample counts and classes. Needs ``resolution`` and ``channels``.
+        num_classes: classes of the labels when no index or manifest says.
+        image_key, label_key, caption_key, fit: see ``fmgen.data.decode`` (label_key "":
+            no labels; fmgen's own shards always load with fit "none").
 
     Yields:
         images (B, C, H, W) float32 in [-1, 1] (``x / 127.5 - 1`` of the stored uint8),
-        labels (B,) int64, and with ``return_keys`` the keys.
+        labels (B,) int64, with ``return_keys`` the keys, with ``caption_key`` the captions.
     """
 
     def __init__(
         self,
-        source: str | Path,
+        source: str | Path | Sequence[str],
         batch_size: int,
         *,
         manifest: str | Path | None = None,
@@ -180,6 +130,14 @@ class ShardLoader:
         return_keys: bool = False,
         prefetch_factor: int = 2,
         epoch_batches: int | None = None,
+        webdataset: bool = False,
+        resolution: int | None = None,
+        channels: int | None = None,
+        num_classes: int | None = None,
+        image_key: str = "",
+        label_key: str = "cls",
+        caption_key: str = "",
+        fit: str = "center-crop",
     ):
         r0, w0 = _default_rank_world()
         rank = r0 if rank is None else rank
@@ -198,34 +156,47 @@ class ShardLoader:
             raise DataError(
                 f"ShardLoader: rank {rank} is outside 0..{world_size - 1} (world_size {world_size})"
             )
-        self.manifest, paths = _resolve_shards(source, manifest)
+        if fit not in FITS:
+            raise DataError(f"fit {fit!r} is not one of {', '.join(FITS)} (data.fit)")
+        self.manifest: Manifest | None = None
+        self.index: ShardIndex | None = None
+        if webdataset:
+            locations, counts, info = resolve_webdataset(source, manifest)
+            decoding, names = self._webdataset_decoding(
+                locations[0], info, resolution, channels, num_classes, image_key, label_key,
+                caption_key, fit,
+            )  # fmt: skip
+        else:
+            self.manifest, paths = resolve_shards(source, manifest)
+            locations, counts = [str(p) for p in paths], self._counts(paths)
+            m = self.manifest
+            names = list(m.class_names)
+            decoding = Decoding(m.resolution, m.channels, m.num_classes, image_key=m.image_format,
+                                caption_key=caption_key, fit="none")  # fmt: skip
+        self._class_names = names
         lanes = max(1, num_workers)
         streams = world_size * lanes
-        if not resampled and len(paths) < streams:
+        if not resampled and len(locations) < streams:
+            known = sum(c or 0 for c in counts)
             raise DataError(
                 f"epoch mode (resampled=False) needs at least world_size x num_workers = "
                 f"{world_size} x {lanes} = {streams} shards, one per stream, but {source} has "
-                f"{len(paths)}; empty streams would leave ranks waiting for each other. Use "
+                f"{len(locations)}; empty streams would leave ranks waiting for each other. Use "
                 f"resampled=True (training), fewer workers, or prepare more shards "
-                f"(--samples-per-shard {max(1, self.manifest.num_samples // streams)} or less)"
+                f"(--samples-per-shard {max(1, known // streams)} or less)"
             )
-        self.num_samples = sum(self._counts(paths))
+        self.counts_known = all(c is not None for c in counts)
+        self.num_samples = sum(c or 0 for c in counts) if self.counts_known else None
         if epoch_batches is not None and (not isinstance(epoch_batches, int) or epoch_batches < 1):
             raise DataError(
                 f"ShardLoader: epoch_batches must be None or an integer >= 1, got {epoch_batches!r}"
             )
-        per_rank = epoch_batches or max(1, self.num_samples // (world_size * batch_size))
+        nominal = self.num_samples or NOMINAL_SHARD_SAMPLES * len(locations)
+        per_rank = epoch_batches or max(1, nominal // (world_size * batch_size))
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
-        decoding = Decoding(
-            resolution=self.manifest.resolution,
-            channels=self.manifest.channels,
-            num_classes=self.manifest.num_classes,
-            image_key=self.manifest.image_format,
-            fit="none",
-        )
         self._spec = LaneSpec(
-            shards=tuple(str(p) for p in paths),
-            shard_samples=tuple(self._counts(paths)),
+            shards=tuple(locations),
+            shard_samples=tuple(counts),
             decoding=decoding,
             batch_size=batch_size,
             rank=rank,
@@ -238,24 +209,70 @@ class ShardLoader:
             drop_last=drop_last,
             return_keys=return_keys,
             lane_samples=math.ceil(per_rank / lanes) * batch_size,
-            corrupt_limit=max(1000, 2 * self.num_samples),
-            empty_limit=max(20, 2 * len(paths)),
+            corrupt_limit=max(1000, 2 * nominal),
+            empty_limit=max(20, 2 * len(locations)),
         )
         self._skipped_base = 0
         self._start_epoch(0)
 
+    def _webdataset_decoding(
+        self, first: str, info: Manifest | ShardIndex | None, resolution: int | None,
+        channels: int | None, num_classes: int | None, image_key: str, label_key: str,
+        caption_key: str, fit: str,
+    ) -> tuple[Decoding, list[str]]:  # fmt: skip
+        """The decoding of shards fmgen did not write, and the class names (empty: no labels).
+
+        Classes come from ``num_classes``, else the index or manifest; with neither, a first
+        sample without the default ``cls`` member means no labels (unconditional).
+        """
+        if resolution is None or channels is None:
+            raise DataError("reading WebDataset shards needs the resolution and channels to load at")
+        if isinstance(info, ShardIndex):
+            self.index = info
+            image_key = image_key or info.image_key
+            known = info.num_classes if label_key == info.label_key else None
+        elif info is not None:
+            self.manifest = info
+            known = info.num_classes if label_key == "cls" else None
+        else:
+            known = None
+        names: list[str] = []
+        if label_key:
+            count = num_classes or known
+            if count is None:
+                members = first_sample(first)  # also reaches a URL source once, at start-up
+                if label_key == "cls" and "cls" not in members:
+                    log.info("the shards have no .cls member: training without labels")
+                    label_key = ""
+                else:
+                    raise DataError(
+                        f"labels from .{label_key} need the number of classes: set "
+                        f"data.num_classes, index the shards (`python -m fmgen.data index ...`), or "
+                        f"set data.label_key= (empty) to train without labels"
+                    )
+            else:
+                names = (list(info.class_names) if isinstance(info, Manifest) and not num_classes
+                         else [str(i) for i in range(count)])  # fmt: skip
+        else:
+            first_sample(first)
+        decoding = Decoding(resolution, channels, max(1, len(names)), image_key=image_key,
+                            label_key=label_key, caption_key=caption_key, fit=fit)  # fmt: skip
+        return decoding, names
+
     def _counts(self, paths: Sequence[Path]) -> list[int]:
+        assert self.manifest is not None
         by_name = {s.name: s.num_samples for s in self.manifest.shards}
         return [by_name[p.name] for p in paths]
 
     # --- read-only views ---
     @property
     def num_classes(self) -> int:
-        return self.manifest.num_classes
+        """Classes of the labels; 0 when the shards have none (every label is 0)."""
+        return len(self._class_names)
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.manifest.class_names)
+        return list(self._class_names)
 
     @property
     def batches_per_epoch(self) -> int | None:
@@ -296,7 +313,7 @@ class ShardLoader:
             "lane_samples",
         )
         return {
-            "shards": [Path(p).name for p in s.shards],
+            "shards": [shard_name(p) for p in s.shards],  # a moved folder or new host still resumes
             "num_samples": self.num_samples,
             **{k: getattr(s, k) for k in keys},
         }
@@ -371,7 +388,10 @@ class ShardLoader:
                 if it.kind == "batch":
                     x = torch.from_numpy(it.images).permute(0, 3, 1, 2).contiguous()  # type: ignore[arg-type]
                     x, y = to_float(x), torch.from_numpy(it.labels)  # (B, C, H, W) in [-1, 1], (B,)
-                    yield (x, y, it.keys) if spec.return_keys else (x, y)
+                    extra = ([it.keys] if spec.return_keys else []) + (
+                        [it.captions] if spec.decoding.caption_key else []
+                    )
+                    yield (x, y, *extra)
         finally:
             self._skipped_base += sum(self._skipped_live)
             self._skipped_live = [0] * lanes

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,18 @@ import torch
 from torch import Tensor
 
 from fmgen.config import ConfigError, DataConfig
+from fmgen.data.decode import FITS
 from fmgen.data.loader import ShardLoader
 from fmgen.data.shards import DataError, read_manifest
 from fmgen.data.sources import SOURCES, prepare
+from fmgen.data.urls import SHARD_SUFFIXES
 
 log = logging.getLogger("fmgen.data.pipeline")
 
 
-DATA_SOURCES = (*SOURCES, "shards")
-"""Values of ``data.source``: a source ``prepare`` reads, or shards prepared already."""
+DATA_SOURCES = (*SOURCES, "shards", "webdataset")
+"""Values of ``data.source``: a source ``prepare`` reads, shards fmgen prepared already, or
+WebDataset shards of any origin (``webdataset``: local or URLs, no manifest needed)."""
 
 
 def check_data_config(cfg: DataConfig) -> None:
@@ -37,6 +41,20 @@ def check_data_config(cfg: DataConfig) -> None:
             f"data.source: {cfg.source!r} is not valid; choose one of: "
             f"{', '.join(map(repr, DATA_SOURCES))}"
         )
+    if cfg.fit not in FITS:
+        raise ConfigError(f"data.fit: {cfg.fit!r} is not valid; choose one of: {', '.join(FITS)}")
+    if cfg.source != "webdataset" and not isinstance(cfg.path, str):
+        raise ConfigError(
+            f"data.path: a list of shards needs data.source=webdataset; data.source="
+            f"{cfg.source!r} takes one folder"
+        )
+
+
+def _foreign_shards(folder: Path) -> list[Path]:
+    """Tar shards in ``folder`` that no fmgen manifest lists (there is none)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.lower().endswith(SHARD_SUFFIXES))
 
 
 def ensure_shards(cfg: DataConfig) -> Path:
@@ -44,6 +62,14 @@ def ensure_shards(cfg: DataConfig) -> Path:
     folder = Path(cfg.path)
     if (folder / "manifest.json").is_file():
         return folder
+    foreign = _foreign_shards(folder)
+    if foreign:  # a user's shards: read them as they are, never prepare over them
+        raise DataError(
+            f"data.path={cfg.path!r} holds {len(foreign)} shard(s) that fmgen did not prepare "
+            f"(e.g. {foreign[0].name}) and no fmgen manifest; to train on them set "
+            f"data.source=webdataset (fmgen never modifies them), or point data.path at a new "
+            f"folder to prepare data.source={cfg.source!r} into"
+        )
     if cfg.source == "shards":
         raise DataError(
             f"data.path={cfg.path!r} holds no manifest.json; prepare shards first with "
@@ -134,12 +160,26 @@ class StreamData:
             yield from self.loader
 
 
-def read_all(folder: Path) -> tuple[Tensor, Tensor]:
-    """Every sample of a shard folder, in shard order: (N, C, H, W) in [-1, 1], (N,)."""
+def shard_loader(cfg: DataConfig, batch_size: int, **options: Any) -> ShardLoader:
+    """A ShardLoader of the config's shards: fmgen's (with their manifest) or any WebDataset's."""
+    if cfg.source == "webdataset":
+        return ShardLoader(cfg.path, batch_size, manifest=cfg.manifest or None, webdataset=True,
+                           resolution=cfg.resolution, channels=cfg.channels,
+                           num_classes=cfg.num_classes or None, image_key=cfg.image_key,
+                           label_key=cfg.label_key, caption_key=cfg.caption_key, fit=cfg.fit,
+                           **options)  # fmt: skip
+    return ShardLoader(Path(cfg.path), batch_size, caption_key=cfg.caption_key, **options)
+
+
+def read_all(source: Path | DataConfig) -> tuple[Tensor, Tensor]:
+    """Every sample of a shard folder (or the config's shards), in shard order:
+    (N, C, H, W) in [-1, 1], (N,)."""
     # rank 0 of 1 explicitly: the default would take this process's share of a process group
-    loader = ShardLoader(
-        folder, batch_size=1024, rank=0, world_size=1, resampled=False, shuffle_buffer=0, seed=0
-    )
+    options = dict(rank=0, world_size=1, resampled=False, shuffle_buffer=0, seed=0)
+    if isinstance(source, DataConfig):
+        loader = shard_loader(replace(source, caption_key=""), 1024, **options)
+    else:
+        loader = ShardLoader(source, batch_size=1024, **options)
     xs, ys = zip(*loader, strict=True)
     return torch.cat(xs), torch.cat(ys)
 
@@ -148,24 +188,23 @@ def open_train_data(
     cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int, main: bool,
     barrier: Callable[[], None],
 ) -> InMemoryData | StreamData:  # fmt: skip
-    if main:
-        ensure_shards(cfg)
-    barrier()
-    folder = Path(cfg.path)
-    manifest = read_manifest(folder)
-    for key in ("resolution", "channels"):
-        if getattr(manifest, key) != getattr(cfg, key):
-            raise DataError(
-                f"data.{key}={getattr(cfg, key)} but the shards in {folder} have {key} "
-                f"{getattr(manifest, key)}; set data.{key}={getattr(manifest, key)} or prepare new "
-                f"shards in another data.path"
-            )
-    if cfg.in_memory:
-        images, labels = read_all(folder)
-        return InMemoryData(images, labels, list(manifest.class_names), batch_size=batch_size, rank=rank,
-                            world_size=world_size, seed=seed, hflip=cfg.hflip)  # fmt: skip
-    loader = ShardLoader(
-        folder,
+    """The training stream of one rank; the main process prepares missing shards first."""
+    if cfg.source != "webdataset":
+        if main:
+            ensure_shards(cfg)
+        barrier()
+        folder = Path(cfg.path)
+        manifest = read_manifest(folder)
+        for key in ("resolution", "channels"):
+            if getattr(manifest, key) != getattr(cfg, key):
+                raise DataError(
+                    f"data.{key}={getattr(cfg, key)} but the shards in {folder} have {key} "
+                    f"{getattr(manifest, key)}; set data.{key}={getattr(manifest, key)}, prepare "
+                    f"new shards in another data.path, or read them with data.source=webdataset "
+                    f"and data.fit"
+                )
+    loader = shard_loader(
+        cfg,
         batch_size,
         rank=rank,
         world_size=world_size,
@@ -176,4 +215,8 @@ def open_train_data(
         hflip=cfg.hflip,
         drop_last=True,  # every step sees the same global batch size
     )
+    if cfg.in_memory:
+        images, labels = read_all(cfg)
+        return InMemoryData(images, labels, loader.class_names, batch_size=batch_size, rank=rank,
+                            world_size=world_size, seed=seed, hflip=cfg.hflip)  # fmt: skip
     return StreamData(loader)

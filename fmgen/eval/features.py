@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from fmgen.base import FmgenError
+from fmgen.base import FmgenError, file_hash
 
 log = logging.getLogger("fmgen.eval")
 
@@ -66,14 +65,6 @@ def check_fid_count(num: int, dim: int, network: str, *, what: str = "generated 
             f"FID of {num} {what} with the {dim}-d {network} features is meaningless (the "
             f"covariance of n samples is singular for n <= {dim}); {fix.format(dim=dim)}"
         )
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def feature_spec(

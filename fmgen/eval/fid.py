@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from fmgen.config import Config, sampling_spec
+from fmgen.config import Config, DataConfig, sampling_spec
 from fmgen.core.sampling import SamplingSpec
 from fmgen.eval.features import (
     FEATURE_DIMS,
@@ -41,7 +41,6 @@ from fmgen.eval.features import (
     cache_files,
     check_fid_count,
     feature_spec,
-    file_hash,
     read_cache,
     write_cache,
 )
@@ -108,22 +107,25 @@ def stats_hash(metric: FrechetInceptionDistance) -> str:
     return _hash_stats({k: getattr(metric, k) for k in _STATS})
 
 
-def reference_shape(data_dir: Path) -> tuple[int, int, int]:
-    """(C, H, W) of the real images of a shard folder, from its manifest."""
+def reference_shape(data_dir: Path | DataConfig) -> tuple[int, int, int]:
+    """(C, H, W) of the real images: of a shard folder (from its manifest) or a data config."""
+    if isinstance(data_dir, DataConfig) and data_dir.source == "webdataset":
+        return (data_dir.channels, data_dir.resolution, data_dir.resolution)  # fitted on load
     from fmgen.data import read_manifest
 
-    m = read_manifest(data_dir)
+    m = read_manifest(data_dir.path if isinstance(data_dir, DataConfig) else data_dir)
     return (m.channels, m.resolution, m.resolution)
 
 
-def check_image_shape(shape: tuple[int, ...], data_dir: Path, *, fix: str) -> None:
+def check_image_shape(shape: tuple[int, ...], data_dir: Path | DataConfig, *, fix: str) -> None:
     """Generated images (C, H, W) must have the reference images' shape: else FID compares
     resized or channel-repeated images with real ones and means nothing."""
     ref = reference_shape(data_dir)
     if tuple(shape) != ref:
         show = lambda s: "x".join(map(str, s))  # noqa: E731
+        where = data_dir.path if isinstance(data_dir, DataConfig) else data_dir
         raise EvalError(
-            f"the images are {show(shape)} (C x H x W) but the reference data {data_dir} is "
+            f"the images are {show(shape)} (C x H x W) but the reference data {where} is "
             f"{show(ref)}; {fix}"
         )
 
@@ -140,26 +142,30 @@ def _cached_stats_valid(
 
 
 def load_reference(
-    metric: FrechetInceptionDistance, data_dir: Path, spec: FeatureSpec, *, batch: int = 500
-) -> dict[str, Any]:
+    metric: FrechetInceptionDistance, data_dir: Path | DataConfig, spec: FeatureSpec, *,
+    batch: int = 500, cache_dir: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Fill the metric's real statistics from ALL real images of the shards, cached on disk.
 
-    The images are streamed from the shards one batch at a time (memory: one batch, whatever
-    the data set's size). The cache (``fid-cache/ref-NAME-KEY.safetensors`` + ``.json``) is
-    keyed by the manifest hash and the feature network; a cache file that is not valid is
-    ignored with a warning and the statistics are computed again.
+    ``data_dir``: a shard folder prepared by fmgen, or a data config (any source, including
+    WebDataset shards and URLs). The images are streamed one batch at a time (memory: one
+    batch, whatever the data set's size). The cache (``ref-NAME-KEY.safetensors`` + ``.json``)
+    lives in the folder's ``fid-cache`` (fmgen's shards), else in ``cache_dir`` or the index
+    folder; shards fmgen did not write never get a file beside them. It is keyed by the
+    reference's identity and the feature network; a cache file that is not valid is ignored
+    with a warning and the statistics are computed again.
 
     Returns a description: the cache file, whether it was computed now, sample count, hash.
     """
-    from fmgen.data import ShardLoader, read_manifest
+    from fmgen.data.reference import reference_images
 
-    manifest_hash = file_hash(data_dir / "manifest.json")
+    ref = reference_images(data_dir, batch=batch, cache_dir=cache_dir)
     key = hashlib.sha256(
-        f"{manifest_hash}|{spec.name}|{spec.weights_hash}|{spec.resize}".encode()
+        f"{ref.key}|{spec.name}|{spec.weights_hash}|{spec.resize}".encode()
     ).hexdigest()[:16]
-    stem = data_dir / "fid-cache" / f"ref-{spec.name}-{key}"
+    stem = ref.cache_dir / f"ref-{spec.name}-{key}" if ref.cache_dir is not None else None
     expect = {"kind": "fid-reference", "version": REFERENCE_VERSION, "key": key}
-    cached = read_cache(stem, expect)
+    cached = read_cache(stem, expect) if stem is not None else None
     if cached is not None and not _cached_stats_valid(*cached, metric):
         log.warning("ignoring the cache %s (its tensors are not %s statistics); recomputing",
                     stem, spec.name)  # fmt: skip
@@ -169,23 +175,21 @@ def load_reference(
             setattr(metric, k, cached[0][k].to(getattr(metric, k).device))
     computed = cached is None
     if computed:
-        # rank 0 of 1 explicitly, in manifest order: the same statistics on every machine
-        loader = ShardLoader(data_dir, batch_size=batch, rank=0, world_size=1, resampled=False,
-                             shuffle_buffer=0, seed=0)  # fmt: skip
-        for images, _ in loader:
+        for images in ref.batches():
             metric.update(prepare_images(images, spec), real=True)
-        write_cache(stem, {k: getattr(metric, k) for k in _STATS},
-                    {**expect, "manifest_hash": manifest_hash, "feature_network": spec.name,
-                     "feature_weights_hash": spec.weights_hash, "resize": spec.resize,
-                     "num_reference": int(metric.real_features_num_samples),
-                     "stats_hash": stats_hash(metric)})  # fmt: skip
+        if stem is not None:
+            write_cache(stem, {k: getattr(metric, k) for k in _STATS},
+                        {**expect, "manifest_hash": ref.key, "feature_network": spec.name,
+                         "feature_weights_hash": spec.weights_hash, "resize": spec.resize,
+                         "num_reference": int(metric.real_features_num_samples),
+                         "stats_hash": stats_hash(metric)})  # fmt: skip
     return {
-        "data": str(data_dir),
-        "num_classes": read_manifest(data_dir).num_classes,
-        "manifest_hash": manifest_hash,
+        "data": ref.name,
+        "num_classes": ref.num_classes,
+        "manifest_hash": ref.key,
         "num_reference": int(metric.real_features_num_samples),
         "stats_hash": stats_hash(metric),
-        "cache": str(cache_files(stem)[0]),
+        "cache": str(cache_files(stem)[0]) if stem is not None else None,
         "computed": computed,
     }
 
@@ -193,11 +197,12 @@ def load_reference(
 def fid_against_reference(
     fake: Tensor,
     *,
-    data_dir: Path,
+    data_dir: Path | DataConfig,
     spec: FeatureSpec,
     inception_weights: str = "",
     batch: int = 500,
     count_fix: str = "use --num-samples N with N > {dim}",
+    cache_dir: Path | None = None,
 ) -> tuple[float, dict[str, Any]]:
     """FID of images (N, C, H, W) against the cached statistics of all real images.
 
@@ -209,8 +214,8 @@ def fid_against_reference(
                           "shard folder they were trained on")  # fmt: skip
     check_fid_count(len(fake), spec.dim, spec.name, fix=count_fix)
     metric = make_metric(spec, inception_weights)
-    ref = load_reference(metric, data_dir, spec, batch=batch)
-    check_fid_count(ref["num_reference"], spec.dim, spec.name, what=f"reference images in {data_dir}",
+    ref = load_reference(metric, data_dir, spec, batch=batch, cache_dir=cache_dir)
+    check_fid_count(ref["num_reference"], spec.dim, spec.name, what=f"reference images in {ref['data']}",
                     fix="use a larger data set or a feature network with fewer dimensions")  # fmt: skip
     _update(metric, fake, spec, real=False, batch=batch)
     return float(metric.compute()), ref
@@ -295,8 +300,7 @@ def check_fid_request(num: int, cfg: Config) -> None:
     name = cfg.eval.feature_network
     if name in FEATURE_DIMS:
         check_fid_count(num, FEATURE_DIMS[name], name)
-    check_image_shape((cfg.data.channels, cfg.data.resolution, cfg.data.resolution),
-                      Path(cfg.data.path),
+    check_image_shape((cfg.data.channels, cfg.data.resolution, cfg.data.resolution), cfg.data,
                       fix="score against the shard folder of the model's data (--data)")  # fmt: skip
 
 
@@ -343,9 +347,10 @@ def fid_of_model(
                                 inception_weights=cfg.eval.inception_weights, cache_dir=Path(cfg.train.run_dir) / "cache")  # fmt: skip
         fid, ref = fid_against_reference(
             u8,
-            data_dir=Path(cfg.data.path),
+            data_dir=cfg.data,
             spec=features,
             inception_weights=cfg.eval.inception_weights,
+            cache_dir=Path(cfg.train.run_dir) / "cache",  # used for shards fmgen did not write
         )
         record = {
             "fid": fid,

@@ -58,8 +58,9 @@ class FlowModel(nn.Module):
 
 
 def build_conditioning(cfg: Config, num_classes: int) -> Conditioning:
-    """Class labels with the config's dropout, or none (``model.class_conditional=false``)."""
-    if cfg.model.class_conditional:
+    """Class labels with the config's dropout, or none (``model.class_conditional=false``, or
+    data without labels: ``num_classes`` 0)."""
+    if cfg.model.class_conditional and num_classes > 0:
         return ClassLabels(num_classes, cfg.model.p_uncond)
     return Unconditional()
 

@@ -282,7 +282,8 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                 group["lr"] = lr
             step_loss = torch.zeros((), device=device)  # read at the log interval only
             for micro in range(accum):
-                z, y = next(batches)  # (b, C, H, W) in [-1, 1], (b,)
+                # (b, C, H, W) in [-1, 1], (b,); captions (data.caption_key) ride along unused
+                z, y, *_ = next(batches)
                 z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 t, eps, drop = draw_noise(
                     gen, cfg, conditioning, micro_global, sample_shape, device
