@@ -1,6 +1,7 @@
-"""Throughput of ShardLoader against a bare tarfile + PIL loop over the same shards.
+"""Throughput of ShardLoader against a bare tarfile + PIL loop, and against WebDataset's own
+pipeline, over the same shards; and of the same shards served over http://127.0.0.1.
 
-    python bench/loader.py                    # 4096 32x32 RGB PNGs, ~1 minute on 2 cores
+    python bench/loader.py                    # 4096 32x32 RGB PNGs, ~3 minutes on 2 cores
     python bench/loader.py --samples 20000 --workers 0,1,2,4 --seconds 10
 
 The shards are scikit-learn digits upscaled to the resolution, tinted and noised (so the PNGs
@@ -11,16 +12,27 @@ interleaved runs (the machine may be shared). A second bare loop uses the loader
 reader, to separate the loader's overhead from its faster tar parsing. Targets: loader with 1 worker
 >= 0.9 x the bare single-process loop; near-linear scaling from 1 to 2 workers (where the
 machine has the cores: the main process needs some CPU too).
+
+WebDataset's pipeline is the one its documentation shows for training: ``WebDataset(urls,
+resampled=True).shuffle(1000).decode("rgb8").to_tuple("png", "cls").batched(B)`` in a
+``WebLoader`` with the same workers, scaled to [-1, 1] float32 (B, C, H, W) like fmgen's. Target:
+fmgen / WebDataset >= 2 with 1 worker. The URL rows read the shards through a local HTTP server
+(``data.source=webdataset``, curl through ``webdataset.gopen``) against the same loader on the
+local files; target: URL / local >= 0.8 with 1 worker.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import http.server
 import io
 import os
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +98,44 @@ def bare_batches(paths: list[Path], batch_size: int, members=tarfile_members):
                     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)  # (B, C, H, W)
                     yield x.float().div_(127.5).sub_(1.0).contiguous(), torch.tensor(labels)
                     imgs, labels = [], []
+
+
+def _wds_collate(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.from_numpy(np.stack([s[0] for s in samples])).permute(0, 3, 1, 2)
+    return images.float().div_(127.5).sub_(1.0).contiguous(), torch.tensor([s[1] for s in samples])
+
+
+def wds_batches(paths: list[Path], batch_size: int, workers: int):
+    """WebDataset's own training pipeline over the same shards (see the module docstring)."""
+    import webdataset as wds
+
+    ds = (
+        wds.WebDataset([str(p) for p in paths], resampled=True, shardshuffle=False)
+        .shuffle(1000)
+        .decode("rgb8")
+        .to_tuple("png", "cls")
+        .batched(batch_size, collation_fn=_wds_collate)
+    )
+    return wds.WebLoader(ds, batch_size=None, num_workers=workers)
+
+
+@contextlib.contextmanager
+def serve(folder: Path):
+    """The folder over http://127.0.0.1:PORT (a free port), for the life of the block."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(folder))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @dataclass
@@ -165,17 +215,29 @@ def main() -> None:
             settings[f"ShardLoader, {w} workers"] = lambda w=w: ShardLoader(
                 folder, args.batch_size, num_workers=w, seed=0, resampled=True
             )
+            settings[f"WebDataset, {w} workers"] = lambda w=w: wds_batches(
+                paths, args.batch_size, w
+            )
         best: dict[str, Rate] = {}
-        for _ in range(args.repeats):
-            for name, make in settings.items():
-                r = rate(make(), args.seconds)
-                if name not in best or r.images_per_s > best[name].images_per_s:
-                    best[name] = r
+        with serve(folder) as url:
+            last = f"{len(paths) - 1:06d}"
+            remote = {"local": str(folder / f"train-{{000000..{last}}}.tar"),
+                      "URL": f"{url}/train-{{000000..{last}}}.tar"}  # fmt: skip
+            for where, source in remote.items():
+                settings[f"webdataset source, {where}"] = lambda s=source: ShardLoader(
+                    s, args.batch_size, num_workers=1, seed=0, webdataset=True,
+                    resolution=args.resolution, channels=3, num_classes=10,
+                )  # fmt: skip
+            for _ in range(args.repeats):  # interleaved: each setting sees the machine's moods
+                for name, make in settings.items():
+                    r = rate(make(), args.seconds)
+                    if name not in best or r.images_per_s > best[name].images_per_s:
+                        best[name] = r
     print(
-        f"{'setting (best of ' + str(args.repeats) + ')':30s}  images/s  CPU us/image  cores used"
+        f"{'setting (best of ' + str(args.repeats) + ')':32s}  images/s  CPU us/image  cores used"
     )
     for name, r in best.items():
-        print(f"{name:30s}  {r.images_per_s:8.0f}  {r.cpu_us_per_image:12.1f}  {r.cores:10.2f}")
+        print(f"{name:32s}  {r.images_per_s:8.0f}  {r.cpu_us_per_image:12.1f}  {r.cores:10.2f}")
     bare, fast = best["bare tarfile+PIL loop"], best["bare loop, fmgen tar reader"]
     loader = {w: best[f"ShardLoader, {w} workers"] for w in workers}
     print("ratios (wall clock images/s; in brackets per CPU: CPU time per image, inverted)")
@@ -185,6 +247,13 @@ def main() -> None:
         print(f"  loader@{w} / bare tarfile loop       : {wall:5.2f} [{cpu:4.2f}]{target}")
         wall, cpu = r.images_per_s / fast.images_per_s, fast.cpu_us_per_image / r.cpu_us_per_image
         print(f"  loader@{w} / bare, same tar reader  : {wall:5.2f} [{cpu:4.2f}]")
+    for w, r in loader.items():
+        ratio = r.images_per_s / best[f"WebDataset, {w} workers"].images_per_s
+        target = f"  target >= 2: {'ok' if ratio >= 2 else 'MISSED'}" if w == 1 else ""
+        print(f"  loader@{w} / WebDataset@{w}           : {ratio:5.2f}{target}")
+    ratio = best["webdataset source, URL"].images_per_s / best["webdataset source, local"].images_per_s
+    print(f"  URL / local files (1 worker)        : {ratio:5.2f}  target >= 0.8: "
+          f"{'ok' if ratio >= 0.8 else 'MISSED'}")  # fmt: skip
     if 1 in loader and 2 in loader:
         s = loader[2].images_per_s / loader[1].images_per_s
         print(
