@@ -188,20 +188,35 @@ class _Scan:
     captions: int = 0
     members: set[str] = field(default_factory=set)  # extensions seen, for error messages
     error: str = ""
+    unterminated: bool = False  # an uncompressed tar without its end-of-archive blocks
+
+
+_END = bytes(1024)  # a tar ends with two zero blocks (then zero padding to its record size)
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: they detect a cut themselves
+
+
+def _unterminated(head: bytes, tail: bytes) -> bool:
+    """An uncompressed tar whose last bytes are not its end-of-archive blocks: the tar reader
+    stops cleanly at a cut between members, and only this tells such a shard from a whole one."""
+    return not head.startswith(_COMPRESSED) and tail[-len(_END) :] != _END
 
 
 class _Counting:
-    """A read-only stream that counts the bytes read through it (``peek`` passes through)."""
+    """A read-only stream that counts the bytes read through it and keeps its first and last
+    bytes (``peek`` passes through)."""
 
     def __init__(self, f: BinaryIO):
-        self._f, self.n = f, 0
+        self._f, self.n, self.head, self.tail = f, 0, b"", b""
 
     def peek(self, n: int = 0) -> bytes:
         return self._f.peek(n)  # type: ignore[attr-defined]
 
     def read(self, n: int = -1) -> bytes:
         data = self._f.read(n)
+        if self.n < 8:
+            self.head = (self.head + data)[:8]
         self.n += len(data)
+        self.tail = (self.tail + data if len(data) < len(_END) else data)[-len(_END) :]
         return data
 
 
@@ -231,10 +246,17 @@ def _counted_samples(url: str, scan: _Scan) -> Iterator[tuple[str, dict[str, byt
         while counted.read(1 << 20):  # end-of-archive blocks and record padding
             pass
     scan.bytes = counted.n
+    scan.unterminated = _unterminated(counted.head, counted.tail)
 
 
-def _local_size(url: str) -> int:
-    return os.path.getsize(re.sub(r"^file:(//)?", "", url))
+def _local_end(scan: _Scan) -> None:
+    """``scan.bytes`` and ``scan.unterminated`` of a local file (two short reads)."""
+    path = re.sub(r"^file:(//)?", "", scan.url)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        scan.bytes = f.seek(0, os.SEEK_END)
+        f.seek(max(0, scan.bytes - len(_END)))
+        scan.unterminated = _unterminated(head, f.read())
 
 
 def _scan_shard(job: tuple[str, str, str, str]) -> _Scan:
@@ -248,7 +270,7 @@ def _scan_shard(job: tuple[str, str, str, str]) -> _Scan:
             scan.samples += 1
             _add_sample(scan, key, members, image_key, label_key, caption_key)
         if local:
-            scan.bytes = _local_size(url)
+            _local_end(scan)
     except (tarfile.TarError, OSError, EOFError) as e:  # what shard_samples raises for a bad shard
         scan.error = f"{type(e).__name__}: {e} (after {scan.samples} complete samples)"
     return scan
@@ -325,7 +347,12 @@ def _merged(
         )
     seen = ", ".join(f".{m}" for m in sorted(set().union(*(s.members for s in good)))) or "none"
     total = sum(s.samples for s in good)
-    if total and not sum(sum(s.image_keys.values()) for s in good):
+    if not total:
+        raise DataError(
+            f"the {len(good)} readable shards hold no samples (members are grouped by the name "
+            f"before the first dot: KEY.jpg, KEY.cls); check the shards"
+        )
+    if not sum(sum(s.image_keys.values()) for s in good):
         wanted = f".{image_key}" if image_key else "image (." + ", .".join(IMAGE_KEYS) + ")"
         raise DataError(
             f"no sample has a {wanted} member (members seen: {seen}); pass --image-key with "
@@ -339,7 +366,7 @@ def _merged(
     if first is not None:
         log.warning("%d images have a header PIL cannot read (e.g. %s of %s); the loader skips "
                     "them", sum(s.bad_image for s in good), first.bad_image_key, first.url)  # fmt: skip
-    if caption_key and total and not sum(s.captions for s in good):
+    if caption_key and not sum(s.captions for s in good):
         raise DataError(
             f"no sample has a .{caption_key} member (members seen: {seen}); pass --caption-key "
             f"with the caption member, or leave it out"
@@ -353,7 +380,7 @@ def _merged(
             f"{labeled} other samples have one ({unlabeled} of {labeled + unlabeled} lack it); "
             f"fix the shards, or pass --label-key '' to index without labels"
         )
-    if label_key and not labeled and total:
+    if label_key and not labeled:
         if label_key != "cls":
             raise DataError(
                 f"no sample has an integer .{label_key} member (members seen: {seen}); pass "
@@ -404,7 +431,7 @@ def _merged(
 
 
 def index_shards(
-    spec: str | Sequence[str],
+    spec: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | Path,
     *,
     image_key: str = "",
@@ -438,7 +465,10 @@ def index_shards(
     _check_out(out)
     # absolute local paths: the index is read from other working directories (jobs, FID)
     # (abspath, not resolve: a symlinked mount keeps the name every node knows it by)
-    urls = [u if is_url(u) else os.path.abspath(u) for u in expand_shards(spec)]
+    items = [spec] if isinstance(spec, str | os.PathLike) else list(spec)
+    urls = [
+        u if is_url(u) else os.path.abspath(u) for u in expand_shards([os.fspath(x) for x in items])
+    ]
     jobs = [(u, image_key, label_key, caption_key) for u in urls]
     scans: list[_Scan] = []
     samples = 0
@@ -456,6 +486,10 @@ def index_shards(
                 if scan.error:
                     log.warning("shard %s is unreadable, left out of the index: %s", scan.url,
                                 scan.error)  # fmt: skip
+                elif scan.unterminated:
+                    log.warning("shard %s ends without the tar end-of-archive blocks: it may "
+                                "have been cut short (indexed with the %d samples it holds); "
+                                "copy it again if so", scan.url, scan.samples)  # fmt: skip
                 scans.append(scan)
                 samples += 0 if scan.error else scan.samples
                 bar.update(1)
