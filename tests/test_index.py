@@ -236,6 +236,12 @@ def jpeg(size: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
+def png(size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size, 77).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def write_tar(path: Path, samples: list[dict[str, bytes | str]]) -> Path:
     import webdataset as wds
 
@@ -276,13 +282,16 @@ def test_samples_without_a_readable_image_are_counted_with_a_warning(tmp_path, c
         {"__key__": "a", "png": b"\x89PNG broken", "cls": "0"},
         {"__key__": "b", "txt": "no image", "cls": "1"},
         {"__key__": "c", "webp": jpeg((5, 7)), "jpg": jpeg((6, 4)), "cls": "1"},  # jpg comes first
+        {"__key__": "d", "jpg": png((9, 3)), "cls": "2"},  # the loader opens .jpg as JPEG only
+        {"__key__": "e", "png": png((9, 3)), "cls": "2"},
     ])  # fmt: skip
     with caplog.at_level(logging.WARNING, "fmgen.data"):
         ix = index_shards(shard, tmp_path / "ix", progress=False)
-    assert ix.num_samples == 3 and ix.class_counts == (1, 2)
-    assert ix.image_sizes == {"6x4": 1} and ix.image_key == ""  # png and jpg used: "first present"
+    assert ix.num_samples == 5 and ix.class_counts == (1, 2, 2)
+    assert ix.image_sizes == {"6x4": 1, "9x3": 1}
+    assert ix.image_key == ""  # png and jpg used: "the first present"
     assert "1 samples have no image member (e.g. b of" in caplog.text
-    assert "1 images have a header PIL cannot read (e.g. a of" in caplog.text
+    assert "2 images have a header PIL cannot read (e.g. a of" in caplog.text
 
 
 def test_cli_summary_and_errors(wds, tmp_path, capsys):

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from fmgen.data.decode import IMAGE_KEYS
+from fmgen.data.decode import _PIL_FORMATS, IMAGE_KEYS
 from fmgen.data.shards import DataError
 from fmgen.data.stream import shard_samples, tar_members
 from fmgen.data.urls import expand_shards, is_url, open_shard
@@ -294,8 +294,10 @@ def _add_sample(
         scan.no_image_key = scan.no_image_key or key
     else:
         scan.image_keys[ik] += 1
-        try:  # Image.open parses the header only: the size without decoding the pixels
-            with Image.open(io.BytesIO(members[ik])) as im:
+        # Image.open parses the header only: the size without decoding the pixels. The format
+        # hint is the loader's, so an image it cannot open (a PNG named .jpg) is counted here.
+        try:
+            with Image.open(io.BytesIO(members[ik]), formats=_PIL_FORMATS.get(ik)) as im:
                 w, h = im.size
             scan.sizes[f"{w}x{h}"] += 1
         except Exception:  # PIL raises many types for bad bytes
