@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from PIL import Image
+
 from fmgen.data.decode import _PIL_FORMATS, IMAGE_KEYS
 from fmgen.data.shards import DataError
 from fmgen.data.stream import shard_samples, tar_members
@@ -280,8 +282,6 @@ def _add_sample(
     scan: _Scan, key: str, members: dict[str, bytes], image_key: str, label_key: str,
     caption_key: str,
 ) -> None:  # fmt: skip
-    from PIL import Image
-
     if len(scan.members) < 64:
         scan.members.update(members)
     ik = (
