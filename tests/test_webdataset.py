@@ -254,3 +254,25 @@ def test_a_folder_of_foreign_train_shards_is_never_modified(tmp_path):
     assert fid["num_reference"] == 200 and np.isfinite(fid["fid"])
     assert str(tmp_path / "run" / "cache") in fid["reference"]["cache"]
     assert checksums(folder) == before
+
+
+def test_an_index_gives_counts_and_classes_to_training_and_fid(foreign, tmp_path):
+    """`index` once; then data.path (or data.manifest) names it: no data.num_classes needed,
+    the epoch length comes from the real counts, and FID caches its statistics beside the
+    index (a folder fmgen wrote), not beside the shards."""
+    from fmgen.cli.index import main as index_main
+
+    before = checksums(foreign["root"])
+    assert index_main([str(foreign["wds"]), "--out", str(tmp_path / "idx"), "--no-progress"]) == 0
+    by_index = ShardLoader(tmp_path / "idx", 16, webdataset=True, resolution=R, channels=1)
+    named = ShardLoader(foreign["wds"], 16, webdataset=True, resolution=R, channels=1,
+                        manifest=tmp_path / "idx")  # fmt: skip
+    for loader in (by_index, named):
+        assert (loader.num_samples, loader.num_classes, loader.batches_per_epoch) == (300, 10, 18)
+    cfg = webdataset_config(tmp_path / "idx", tmp_path / "run", 2, "eval.fid_every_images=32",
+                            "eval.fid_num_samples=130")  # fmt: skip
+    res = train(cfg)
+    fid = json.loads(next((res.run_dir / "eval").glob("fid-step*.json")).read_text())
+    assert fid["num_reference"] == 300
+    assert fid["reference"]["cache"].startswith(str(tmp_path / "idx" / "fid-cache"))
+    assert checksums(foreign["root"]) == before

@@ -4,7 +4,8 @@ fmgen's prepared folders are identified by their manifest's hash and keep their 
 cache beside it (``fid-cache/``, a folder fmgen owns). WebDataset shards of other origins are
 identified by a hash of the shard list, their sample counts and the decoding (keys, fit,
 resolution, channels), and never get a file written beside them: their cache goes where the
-caller says (the run folder), or into the index folder when an index is used.
+index folder when an index is used (shared by every run), else where the caller says (the
+run folder).
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def reference_images(
             "decoding": dataclasses.asdict(spec.decoding),
         }
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-        if cache_dir is None and loader.index is not None and loader.index.root is not None:
-            cache_dir = loader.index.root / "fid-cache"  # a folder fmgen wrote
+        if loader.index is not None and loader.index.root is not None:
+            cache_dir = loader.index.root / "fid-cache"  # fmgen wrote it; shared by every run
         d = spec.decoding
         name = (
             data.path if isinstance(data.path, str) else f"{data.path[0]} (+{len(data.path) - 1})"

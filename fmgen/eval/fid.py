@@ -150,8 +150,8 @@ def load_reference(
     ``data_dir``: a shard folder prepared by fmgen, or a data config (any source, including
     WebDataset shards and URLs). The images are streamed one batch at a time (memory: one
     batch, whatever the data set's size). The cache (``ref-NAME-KEY.safetensors`` + ``.json``)
-    lives in the folder's ``fid-cache`` (fmgen's shards), else in ``cache_dir`` or the index
-    folder; shards fmgen did not write never get a file beside them. It is keyed by the
+    lives in the folder's ``fid-cache`` (fmgen's shards), else the index folder's, else
+    ``cache_dir``; shards fmgen did not write never get a file beside them. It is keyed by the
     reference's identity and the feature network; a cache file that is not valid is ignored
     with a warning and the statistics are computed again.
 
