@@ -428,11 +428,57 @@ def test_every_solver_grid_and_prediction_type_with_guidance(solver, grid, predi
         assert torch.equal(out[1.0], alone)
 
 
-# --- the sampler benchmark -------------------------------------------------------------------------
+# --- the config keys and command-line flags of the new options -----------------------------------
 
 
-def run_bench(*args: str) -> list[dict]:
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "samplers.py"), "--json", *args],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    return [json.loads(line) for line in r.stdout.splitlines()]
+def test_config_keys_make_the_spec():
+    from fmgen.config import ConfigError, load_config, sampling_spec
+
+    digits = ROOT / "configs" / "digits.yaml"
+    cfg = load_config(digits, ["sample.time_grid=list", "sample.times=[0, 0.4, 0.8, 1]",
+                               "sample.steps=3", "sample.final_step=solver", "sample.churn=4",
+                               "sample.churn_sigma_max=10", "sample.rho=5"])  # fmt: skip
+    spec = sampling_spec(cfg)
+    assert (spec.grid, spec.times, spec.steps, spec.final_step) == (
+        "list",
+        (0, 0.4, 0.8, 1),
+        3,
+        "solver",
+    )
+    assert (spec.churn, spec.churn_sigma_max, spec.rho) == (4.0, 10.0, 5.0)
+    assert sampling_spec(load_config(digits)) == SamplingSpec(guidance=2.0)  # the defaults agree
+    for override, needle in [("sample.final_step=last", "sample.final_step"),
+                             ("sample.time_grid=list", "grid 'list' needs times"),
+                             ("sample.churn=-1", "churn must be"),
+                             ("sample.rho=0", "rho must be")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=needle):
+            load_config(digits, [override])
+
+
+def test_sampling_flags():
+    import argparse
+
+    from fmgen.base import FmgenError
+    from fmgen.cli import add_sampling_args, spec_from_args
+
+    p = argparse.ArgumentParser()
+    add_sampling_args(p)
+
+    def spec(base: SamplingSpec, *argv: str) -> SamplingSpec:
+        return spec_from_args(base, p.parse_args(argv))
+
+    base = SamplingSpec()
+    got = spec(base, "--times", "0,0.5,0.9,1", "--sampler", "dpm++2m", "--final-step", "solver")
+    assert (got.grid, got.times, got.steps, got.sampler) == ("list", (0, 0.5, 0.9, 1), 3, "dpm++2m")
+    assert got.final_step == "solver"
+    assert spec(base, "--time-grid", "edm", "--rho", "3").rho == 3.0
+    assert spec(base, "--churn", "2").churn == 2.0
+    assert spec(got, "--time-grid", "logsnr", "--steps", "7").times == ()  # leaving the list
+    for argv, needle in [(["--times", "0,0.5,1", "--steps", "5"], "--times 0.0,0.5,1.0 --steps 5: "),
+                         (["--time-grid", "list"], "--time-grid list: grid 'list' needs times"),
+                         (["--churn", "1", "--sampler", "rk4"], "churn is an option of the heun")]:  # fmt: skip
+        with pytest.raises(FmgenError, match=needle):
+            spec(base, *argv)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--times", "0,x"])
+

@@ -164,6 +164,8 @@ class SamplingSpec:
         rho = f" (rho {self.rho})" if self.grid == "edm" and self.rho != default.rho else ""
         final = ", solver's last step" if self.final_step == "solver" else ""
         churn = f", churn {self.churn}" if self.churn else ""
+        if self.grid == "list":
+            rho = f" ({', '.join(f'{t:g}' for t in self.times)})"
         return (
             f"{self.sampler}, {self.steps} {self.grid} steps{rho}, guidance {self.guidance}"
             f"{sde}{churn}{start}{final}"
