@@ -428,6 +428,16 @@ def test_every_solver_grid_and_prediction_type_with_guidance(solver, grid, predi
         assert torch.equal(out[1.0], alone)
 
 
+# --- the sampler benchmark -------------------------------------------------------------------------
+
+
+def run_bench(*args: str) -> list[dict]:
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "samplers.py"), "--json", *args],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
 # --- the config keys and command-line flags of the new options -----------------------------------
 
 
@@ -482,3 +492,49 @@ def test_sampling_flags():
     with pytest.raises(SystemExit):
         p.parse_args(["--times", "0,x"])
 
+
+BENCH_ARGS = ("--samples", "128", "--ref-steps", "200", "--nfe", "4", "6", "8", "10", "20", "50")
+
+
+@pytest.fixture(scope="module")
+def bench_rows() -> list[dict]:
+    """bench/samplers.py --json at its default data (64 points, 16 dims, float64), fewer samples."""
+    return run_bench(*BENCH_ARGS)
+
+
+def test_bench_json_lines(bench_rows):
+    """One object per (path, solver, grid, NFE budget's steps), with the evaluations counted as
+    nfe() says; the reference is tight and shares the noise: Heun on the uniform grid at NFE 49
+    ends within 1e-9 of it on every path."""
+    refs = [r for r in bench_rows if r["reference"]]
+    assert [r["path"] for r in refs] == PATHS and all(r["err"] == 0 for r in refs)
+    runs = [r for r in bench_rows if not r["reference"]]
+    combos = {(r["path"], r["solver"], r["grid"]) for r in runs}
+    assert combos == set(itertools.product(PATHS, SAMPLERS, TIME_GRIDS))
+    for r in runs:
+        assert r["nfe"] == nfe(r["solver"], r["steps"]) <= 50
+        assert (r["err"] is None) == (r["solver"] == "sde") == (r["other_point"] is None)
+        assert r["dist"] >= 0 and r["us_per_nfe"] > 0
+        if r["err"] is not None:
+            assert 0 <= r["other_point"] <= 1 and r["err"] >= 0
+    for path_name in PATHS:
+        (heun,) = [r for r in runs if (r["path"], r["solver"], r["grid"], r["nfe"]) ==
+                   (path_name, "heun", "uniform", 49)]  # fmt: skip
+        assert heun["err"] < 1e-9 and heun["other_point"] == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured: on the 64-point, 16-dim oracle no solver and grid at NFE <= 10 comes within "
+    "a factor 2 of Heun/uniform at NFE 19; with the denoising last step every sample ends on a "
+    "data point and the error counts the samples that end on another point than the reference's "
+    "(bench column other_point), which the uniform grid's mid-range steps resolve best",
+)
+@pytest.mark.parametrize("path_name", PATHS)
+def test_bench_best_solver_at_nfe_10_beats_heun_at_nfe_20(bench_rows, path_name):
+    runs = [r for r in bench_rows if r["path"] == path_name and not r["reference"]]
+    best = min((r for r in runs if r["nfe"] <= 10 and r["err"] is not None), key=lambda r: r["err"])
+    (heun,) = [r for r in runs if (r["solver"], r["grid"], r["nfe"]) == ("heun", "uniform", 19)]
+    print(f"{path_name}: best at NFE <= 10 {best['solver']}/{best['grid']} NFE {best['nfe']} "
+          f"err {best['err']:.3e}; heun/uniform NFE 19 err {heun['err']:.3e}")  # fmt: skip
+    assert best["err"] < heun["err"]
