@@ -21,11 +21,12 @@ import yaml
 from fmgen.base import FmgenError
 from fmgen.core import (
     DSM_WEIGHTINGS,
+    FINAL_STEPS,
     LOSSES,
     PATHS,
     PREDICTION_TYPES,
     SAMPLERS,
-    TIME_GRIDS,
+    SAMPLING_GRIDS,
     TIME_SAMPLINGS,
     GaussianPath,
     SamplingSpec,
@@ -163,13 +164,20 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "heun"  # euler | heun | rk4 | sde
+    sampler: str = "heun"  # euler | heun | rk4 | sde | midpoint | dpm++2m
     steps: int = 20
     guidance: float = 2.0
     per_class: int = 8  # grid rows are classes
     sde_sigma: float = 0.5  # sigma_t = sde_sigma * beta_t
     t_start: float = 0.0
-    time_grid: str = "uniform"  # uniform | edm (Karras spacing in sigma = beta / alpha)
+    time_grid: str = "uniform"  # uniform | edm (Karras, in sigma = beta / alpha) | logsnr | list
+    rho: float = 7.0  # edm grid: steps even in sigma^(1/rho)
+    times: list[float] = field(default_factory=list)  # the list grid: steps + 1 times
+    final_step: str = "denoise"  # denoise (the last step returns x0_hat) | solver
+    churn: float = 0.0  # heun: EDM's S_churn (0 = off)
+    churn_sigma_min: float = 0.0  # EDM's S_tmin, in sigma = beta / alpha
+    churn_sigma_max: float | None = None  # EDM's S_tmax (null: no bound)
+    churn_noise: float = 1.0  # EDM's S_noise
 
 
 @dataclass
@@ -216,7 +224,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.prediction_type": PREDICTION_TYPES,
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "sample.sampler": tuple(SAMPLERS),
-    "sample.time_grid": TIME_GRIDS,
+    "sample.time_grid": SAMPLING_GRIDS,
+    "sample.final_step": FINAL_STEPS,
     "logging.mode": ("", "online", "offline", "disabled"),
 }
 
@@ -438,6 +447,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.t_min: must lie in [0, 0.5), got {cfg.loss.t_min}")
     if not 0 <= cfg.sample.t_start < 1:
         raise ConfigError(f"sample.t_start: must lie in [0, 1), got {cfg.sample.t_start}")
+    sampling_spec(cfg)  # the options that must agree (a list grid's times and steps, churn)
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} must be divisible by train.grad_accum="
@@ -465,6 +475,9 @@ def sampling_spec(cfg: Config) -> SamplingSpec:
     """The sampling options of the config as one ``SamplingSpec``."""
     s = cfg.sample
     try:
-        return SamplingSpec(s.sampler, s.steps, s.guidance, s.sde_sigma, s.t_start, s.time_grid)
+        return SamplingSpec(s.sampler, s.steps, s.guidance, s.sde_sigma, s.t_start, s.time_grid,
+                            rho=s.rho, times=tuple(s.times), final_step=s.final_step,
+                            churn=s.churn, churn_sigma_min=s.churn_sigma_min,
+                            churn_sigma_max=s.churn_sigma_max, churn_noise=s.churn_noise)  # fmt: skip
     except ValueError as e:
         raise ConfigError(f"sample: {e}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from fmgen.core.grids import TIME_GRIDS, time_grid
 from fmgen.core.oracle import Oracle
 from fmgen.core.paths import PREDICTION_TYPES, get_path
 from fmgen.core.samplers import (
+    FINAL_STEPS,
     SAMPLERS,
     Step,
     beta_sigma,
@@ -45,7 +47,7 @@ def run(name: str, field, x, ts, path=None, seed: int = 0, **kwargs):
         gen = torch.Generator().manual_seed(seed)
         sigma = beta_sigma(path, 1.0)
         return sample_euler_maruyama(field, x, ts, path=path, sigma=sigma, generator=gen, **kwargs)
-    return get_sampler(name)(field, x, ts, **kwargs)
+    return get_sampler(name)(field, x, ts, path=path, **kwargs)
 
 
 def nearest(x: torch.Tensor, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,16 +151,20 @@ def test_never_evaluates_at_t1_and_nfe(name):
             raise AssertionError(f"field evaluated at t = {t.max().item()}")
         return oracle.velocity(x, t)
 
-    for steps in (1, 2, 7):
+    for steps, final in itertools.product((1, 2, 7), FINAL_STEPS):
         counter = count_nfe(guarded)
-        x = run(name, counter, noise(8), time_grid(steps, dtype=F64), path=path)
+        x = run(name, counter, noise(8), time_grid(steps, dtype=F64), path=path, final_step=final)
         assert torch.isfinite(x).all()
-        assert counter.calls == nfe(name, steps)
+        assert counter.calls == nfe(name, steps, final_step=final)
         assert max(counter.times) < 1
         counter = count_nfe(guarded)  # a grid ending before 1 gets full steps
-        run(name, counter, noise(8), time_grid(steps, t_end=0.5, dtype=F64), path=path)
-        assert counter.calls == nfe(name, steps, t_end=0.5)
-    assert (nfe("euler", 10), nfe("heun", 10), nfe("rk4", 10), nfe("sde", 10)) == (10, 19, 39, 10)
+        run(name, counter, noise(8), time_grid(steps, t_end=0.5, dtype=F64), path=path,
+            final_step=final)  # fmt: skip
+        assert counter.calls == nfe(name, steps, t_end=0.5, final_step=final)
+    names = ("euler", "heun", "rk4", "sde", "midpoint", "dpm++2m")
+    assert [nfe(n, 10, final_step="solver") for n in names] == [10, 19, 39, 10, 20, 10]
+    assert [nfe(n, 10) for n in names] == [10, 19, 37, 10, 19, 10]  # the last step denoises
+    assert [nfe(n, 10, t_end=0.5) for n in names] == [10, 20, 40, 10, 20, 10]
 
 
 # --- mixture weights: chi-square goodness of fit --------------------------------------------------

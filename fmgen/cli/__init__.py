@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fmgen.base import FmgenError
-from fmgen.core import SAMPLERS, TIME_GRIDS, SamplingSpec
+from fmgen.core import FINAL_STEPS, SAMPLERS, SAMPLING_GRIDS, SamplingSpec
 
 
 def run_guarded(fn: Callable[[], int]) -> int:
@@ -79,9 +79,26 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=None, help="solver steps")
     g.add_argument(
         "--time-grid",
-        choices=TIME_GRIDS,
+        choices=SAMPLING_GRIDS,
         default=None,
-        help="time steps uniform in t, or EDM (Karras) spacing in sigma = beta / alpha",
+        help="time steps uniform in t, EDM (Karras) spacing in sigma = beta / alpha, uniform in "
+        "log-SNR, or the list given by --times",
+    )
+    g.add_argument("--rho", type=float, default=None, help="the edm grid's exponent (EDM: 7)")
+    g.add_argument(
+        "--times",
+        type=_times,
+        default=None,
+        help="an explicit grid, e.g. 0,0.3,0.6,0.9,1 (sets --time-grid list and the steps)",
+    )
+    g.add_argument(
+        "--final-step",
+        choices=FINAL_STEPS,
+        default=None,
+        help="the step that ends at t = 1: denoise (return the data prediction) or the solver's",
+    )
+    g.add_argument(
+        "--churn", type=float, default=None, help="heun: EDM's stochastic churn S_churn (0 = off)"
     )
     g.add_argument(
         "--guidance",
@@ -96,22 +113,43 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--t-start", type=float, default=None, help="first time of the grid (0 = noise)")
 
 
+def _times(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of times, e.g. 0,0.5,0.9,1"
+        ) from None
+
+
 _SPEC_FLAGS = {"sampler": "sampler", "steps": "steps", "grid": "time_grid",
-               "guidance": "guidance", "sde_sigma": "sde_sigma", "t_start": "t_start"}  # fmt: skip
+               "guidance": "guidance", "sde_sigma": "sde_sigma", "t_start": "t_start",
+               "rho": "rho", "final_step": "final_step", "churn": "churn"}  # fmt: skip
 
 
 def spec_from_args(base: SamplingSpec, args: Any) -> SamplingSpec:
-    """``base`` with the sampling options given on the command line; a bad value names its flag."""
-    spec = base
+    """``base`` with the sampling options given on the command line; a bad value names its flag.
+
+    ``--times`` is one change of three spec fields (the list grid, its times, its steps), unless
+    --time-grid or --steps say otherwise; the spec then checks that they agree.
+    """
+    changes: dict[str, Any] = {}
+    given: dict[str, Any] = {}  # the flags the user gave, for the error message
+    times = getattr(args, "times", None)
+    if times is not None:
+        changes = {"grid": "list", "times": times, "steps": len(times) - 1}
+        given["times"] = ",".join(map(str, times))
+    elif getattr(args, "time_grid", None) not in (None, "list") and base.grid == "list":
+        changes["times"] = ()  # leaving the list grid drops its times
     for field, attr in _SPEC_FLAGS.items():
         value = getattr(args, attr, None)
-        if value is None:
-            continue
-        try:
-            spec = spec.replace(**{field: value})
-        except ValueError as e:
-            raise FmgenError(f"--{attr.replace('_', '-')} {value}: {e}") from None
-    return spec
+        if value is not None:
+            changes[field] = given[attr] = value
+    try:
+        return base.replace(**changes)
+    except ValueError as e:
+        flags = " ".join(f"--{attr.replace('_', '-')} {v}" for attr, v in given.items())
+        raise FmgenError(f"{flags}: {e}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,12 +4,14 @@ Pure torch (no Accelerate, no torch.distributed, no W&B, no file I/O, no config 
 every formula is testable in milliseconds. Time convention: t = 0 is noise, t = 1 is data.
 """
 
-from fmgen.core.grids import TIME_GRIDS, time_grid
+from fmgen.core.grids import TIME_GRIDS, check_times, time_grid
 from fmgen.core.losses import DSM_WEIGHTINGS, LOSSES, TIME_SAMPLINGS, get_loss, sample_time
 from fmgen.core.oracle import Oracle
 from fmgen.core.paths import PATHS, PREDICTION_TYPES, GaussianPath, get_path
 from fmgen.core.samplers import (
+    FINAL_STEPS,
     SAMPLERS,
+    Churn,
     beta_sigma,
     cfg_field,
     cfg_net,
@@ -17,22 +19,26 @@ from fmgen.core.samplers import (
     get_sampler,
     velocity_field,
 )
-from fmgen.core.sampling import SamplingSpec, nfe, solve
+from fmgen.core.sampling import SAMPLING_GRIDS, SamplingSpec, nfe, solve
 
 __all__ = [
     "DSM_WEIGHTINGS",
+    "FINAL_STEPS",
     "LOSSES",
     "PATHS",
     "PREDICTION_TYPES",
     "SAMPLERS",
+    "SAMPLING_GRIDS",
     "TIME_GRIDS",
     "TIME_SAMPLINGS",
+    "Churn",
     "GaussianPath",
     "Oracle",
     "SamplingSpec",
     "beta_sigma",
     "cfg_field",
     "cfg_net",
+    "check_times",
     "count_nfe",
     "get_loss",
     "get_path",
