@@ -84,7 +84,7 @@ def generate(
         n = min(num - i, (block + 1) * NOISE_BLOCK - (start + i))  # stay inside one noise block
         x = block_noise(seed, start + i, n, shape).to(device=device, dtype=dtype)
         c = cond[i : i + n].to(device) if cond is not None and model.conditional else None
-        noise = sde_noise(seed, start + i, n) if spec.sampler == "sde" else None
+        noise = sde_noise(seed, start + i, n) if spec.stochastic else None  # SDE, churn
         z = solve(spec, model_field(model, path, c, spec.guidance), x, path=path, noise=noise)
         out.append(ae.decode(z).float().cpu())
         i += n
