@@ -237,18 +237,29 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _described(tp: Any) -> str:
+    """``str`` -> "a string", ``list[int]`` -> "a list of integers", for error messages."""
+    words = {str: "string", int: "integer", float: "number", bool: "true/false value"}
+    if typing.get_origin(tp) is list:
+        return f"a list of {words.get(typing.get_args(tp)[0], 'value')}s"
+    return f"a {words.get(tp, _type_name(tp))}"
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        for alternative in args[:-1]:  # the first type that takes the value, e.g. str | list[str]
+        if len(args) == 1:
+            return _coerce(value, args[0], key)
+        for alternative in args:  # the first type that takes the value, e.g. str | list[str]
             try:
                 return _coerce(value, alternative, key)
             except ConfigError:
                 pass
-        return _coerce(value, args[-1], key)
+        names = " or ".join(_described(a) for a in args)
+        raise ConfigError(f"{key}: expected {names}, got {value!r} (quote values holding ': ')")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

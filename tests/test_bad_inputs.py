@@ -11,12 +11,15 @@ import pytest
 from conftest import DIGITS
 
 from fmgen.cli.evaluate import main as eval_main
+from fmgen.cli.index import main as index_main
 from fmgen.cli.prepare import main as prepare_main
 from fmgen.cli.sample import main as sample_main
 from fmgen.cli.train import main as train_main
 
-COMMANDS = {"train": train_main, "sample": sample_main, "eval": eval_main, "prepare": prepare_main}
+COMMANDS = {"train": train_main, "sample": sample_main, "eval": eval_main, "prepare": prepare_main,
+            "index": index_main}  # fmt: skip
 CFG = ["--dry-run", "--config", str(DIGITS)]  # checked like a real start, nothing trained
+RUN = ["--config", str(DIGITS), "train.run_dir={tmp}/run", "eval.report=", "logging.wandb=false"]
 
 CASES = [
     # (command, arguments, a word the message must hold)
@@ -53,6 +56,16 @@ CASES = [
     ("train", [*CFG, "ema.half_life_images=0"], "ema.half_life_images"),
     ("train", [*CFG, "train.mixed_precision=fp8"], "train.mixed_precision"),
     ("train", [*CFG, "noequals"], "section.key=value"),
+    ("train", [*CFG, "data.fit=stretch"], "data.fit"),
+    ("train", [*CFG, "data.path=[a,b]"], "data.source=webdataset"),
+    ("train", [*CFG, "data.source=webdataset", "data.num_classes=-1"], "data.num_classes"),
+    ("train", [*CFG, "data.source=webdataset", "data.path=pipe:cat a.tar b: c"], "quote"),
+    ("train", [*RUN, "data.path={foreign}"], "data.source=webdataset"),
+    ("train", [*RUN, "data.source=webdataset", "data.path={tmp}/nothing/x-{{0..3}}.tar"], "do not exist"),
+    ("train", [*RUN, "data.source=webdataset", "data.path={foreign}"], "cannot read the shard"),
+    ("index", ["{tmp}/nothing", "--out", "{tmp}/i"], "do not exist"),
+    ("index", ["{tmp}", "--out", "{tmp}/i"], "holds no shards"),
+    ("index", ["{foreign}", "--out", "{tmp}/i", "--workers", "0"], "--workers"),
     ("sample", ["--checkpoint", "{tmp}/nothing"], "not an fmgen checkpoint"),
     ("sample", ["--checkpoint", "{run}", "--labels", "3,12"], "12"),
     ("sample", ["--checkpoint", "{run}", "--labels", "a,b"], "--labels"),

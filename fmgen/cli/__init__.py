@@ -153,15 +153,16 @@ def spec_from_args(base: SamplingSpec, args: Any) -> SamplingSpec:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``fmgen train|sample|eval|prepare ...``"""
+    """``fmgen train|sample|eval|prepare|index ...``"""
     from fmgen.cli.evaluate import main as eval_main
+    from fmgen.cli.index import main as index_main
     from fmgen.cli.prepare import main as prepare_main
     from fmgen.cli.sample import main as sample_main
     from fmgen.cli.train import main as train_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": train_main, "sample": sample_main, "eval": eval_main,
-                "prepare": prepare_main}  # fmt: skip
+                "prepare": prepare_main, "index": index_main}  # fmt: skip
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(
             f"usage: fmgen {{{','.join(commands)}}} [options]   (fmgen COMMAND --help for details)"

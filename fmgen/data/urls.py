@@ -65,8 +65,8 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
             )
             if not files:
                 raise DataError(
-                    f"the folder {text} holds no shards (*.tar, *.tar.gz, *.tgz); point data.path "
-                    f"at a shard folder, a brace pattern or URLs"
+                    f"the folder {text} holds no shards (*.tar, *.tar.gz, *.tgz); name a shard "
+                    f"folder, a brace pattern or URLs (data.path, or index's arguments)"
                 )
             found += files
         else:
@@ -84,7 +84,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     if missing:
         raise DataError(
             f"{len(missing)} of the {len(locations)} shards do not exist, e.g. {missing[0]}; fix "
-            f"data.path (a folder, a brace pattern or URLs)"
+            f"the shard locations (data.path, or index's arguments)"
         )
     empty = [str(p) for p in paths if not p.stat().st_size]
     if empty:
