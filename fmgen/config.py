@@ -157,6 +157,7 @@ class TrainConfig:
     compile_check: bool = True  # compare compiled and eager gradients once before training
     max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
     channels_last: bool = False
+    cpu_threads: int = 0  # torch threads per process on a CPU; 0 = usable cores / processes - 1
     deterministic: bool = False  # torch.use_deterministic_algorithms for bit-exact tests
     dist_timeout_s: int = 300  # a collective waiting longer (a frozen or dead rank) fails the run
     stop_check_every_steps: int = 10  # how often the ranks agree on a stop signal (one all-reduce)
@@ -444,6 +445,7 @@ def validate(cfg: Config) -> None:
         "train.seed",
         "data.shuffle_buffer",
         "data.num_classes",
+        "train.cpu_threads",
     ]
     for key in non_negative:
         if _get(cfg, key) < 0:

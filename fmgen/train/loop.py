@@ -52,6 +52,7 @@ from fmgen.train.dist import (
     make_accelerator,
     mean_over_ranks,
     peer_failure,
+    set_cpu_threads,
 )
 from fmgen.train.errors import TrainingError
 from fmgen.train.lock import hold_run_folder
@@ -153,6 +154,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     folder stops at once, naming this one); it is released however the run ends."""
     check_config(cfg)
     accelerator = make_accelerator(cfg)
+    set_cpu_threads(cfg, accelerator)
     main, device = accelerator.is_main_process, accelerator.device
     with hold_run_folder(Path(cfg.train.run_dir), main=main, device=device):
         return _train(cfg, accelerator, resume)
