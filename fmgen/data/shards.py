@@ -28,6 +28,7 @@ classes). Each sample is three tar members sharing a key (its index in the sourc
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -314,6 +315,8 @@ class _Shard:
         return ShardInfo(self.name, self.count, self.label_min, self.label_max)
 
     def discard(self) -> None:
+        with contextlib.suppress(Exception):  # the error that brought us here may recur
+            self.tar.close()  # else tarfile writes its end blocks into the closed file later
         self.file.close()
         self.temp.unlink(missing_ok=True)
 
@@ -369,7 +372,7 @@ def write_shards(
     manifest comes last (atomically). So an interrupted or failed write leaves no file that
     looks like a shard, and an earlier set replaced with ``overwrite`` stays whole until then
     (the disk holds both for a while). ``Skipped`` entries are counted in the manifest
-    (``split.unreadable``, the first ``max_unreadable_listed`` origins in
+    (``split.unreadable``; the origins of the first ``max_unreadable_listed`` by id in
     ``split.unreadable_examples``).
     """
     out = Path(out_dir)
@@ -386,13 +389,13 @@ def write_shards(
     mode = "L" if channels == 1 else "RGB"
     per_class = [0] * len(class_names)
     split_name = (split or {}).get("name", prefix)
-    unreadable: list[str] = []
+    unreadable: list[tuple[int, str]] = []  # (id, origin)
     done: list[ShardInfo] = []
     shard: _Shard | None = None
     try:
         for ex in examples:
             if isinstance(ex, Skipped):
-                unreadable.append(ex.origin)
+                unreadable.append((ex.id, ex.origin))
                 continue
             if not 0 <= ex.label < len(class_names):
                 raise DataError(
@@ -445,7 +448,9 @@ def write_shards(
     split_info = dict(split or {"name": prefix})
     split_info["unreadable"] = len(unreadable)
     if unreadable:
-        split_info["unreadable_examples"] = unreadable[:max_unreadable_listed]
+        split_info["unreadable_examples"] = [
+            o for _, o in sorted(unreadable)[:max_unreadable_listed]
+        ]
     manifest = Manifest(
         num_samples=sum(s.num_samples for s in done),
         class_names=tuple(class_names),
