@@ -106,6 +106,47 @@ def test_workers_give_the_same_bytes(tmp_path):
     assert read_manifest(tmp_path / "two").split["unreadable"] == 1
 
 
+def test_workers_read_a_datasets_source(tmp_path):
+    import datasets
+
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)) for _ in range(9)]
+    features = datasets.Features(
+        {"img": datasets.Image(), "y": datasets.ClassLabel(names=["a", "b"])}
+    )
+    datasets.Dataset.from_dict(
+        {"img": images, "y": [0, 1] * 4 + [0]}, features=features
+    ).save_to_disk(str(tmp_path / "hf"))
+    for name, workers in (("one", 1), ("two", 2)):
+        prepare("hf", tmp_path / name, source_path=tmp_path / "hf", image_column="img",
+                label_column="y", samples_per_shard=4, workers=workers, progress=False)  # fmt: skip
+    one, two = file_digests(tmp_path / "one"), file_digests(tmp_path / "two")
+    assert one == two and len(one) == 3 + 1
+
+
+UNGUARDED = """
+from fmgen.data import prepare
+prepare("digits", {out!r}, workers=2, progress=False)
+"""
+
+
+def test_unguarded_script_with_workers_fails_instead_of_hanging(tmp_path):
+    """With the spawn start method every worker re-imports the main script; prepare there must
+    stop with a message (and the parent with an error), not start again or hang."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    script = tmp_path / "job.py"
+    script.write_text(UNGUARDED.format(out=str(tmp_path / "out")))
+    r = subprocess.run([sys.executable, str(script)], env=subprocess_env(), capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode != 0
+    assert "if __name__ == '__main__':" in r.stderr and "worker process died" in r.stderr
+    assert listing(tmp_path / "out") == []
+
+
 # --- images as a viewer shows them ----------------------------------------------------------
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)

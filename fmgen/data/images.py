@@ -19,10 +19,15 @@ skip it or stop.
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
+import pickle
+import tempfile
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -112,31 +117,65 @@ class EncodeSample:
 _worker_encode: EncodeSample | None = None
 
 
-def _init_worker(encode: EncodeSample) -> None:
+def _init_worker(job: str) -> None:
     global _worker_encode
-    _worker_encode = encode
+    _worker_encode = pickle.loads(Path(job).read_bytes())  # written by _pooled, just now
 
 
-def _encode_in_worker(i: int) -> bytes | str:
+def _encode_in_worker(indices: list[int]) -> list[bytes | str]:
     assert _worker_encode is not None
-    return _worker_encode(i)
+    return [_worker_encode(i) for i in indices]
 
 
-@contextlib.contextmanager
-def encoded(
-    encode: EncodeSample, workers: int
-) -> Iterator[Callable[[Sequence[int]], Iterator[bytes | str]]]:
-    """A function mapping source indices to ``encode``'s results, in order, on ``workers``
-    processes (1: this one). Same bytes whatever the count: the same code runs everywhere."""
+def encoded(encode: EncodeSample, order: Sequence[int], workers: int) -> Iterator[bytes | str]:
+    """``encode(i)`` for every ``i`` of ``order``, in order, on ``workers`` processes (1: this
+    one). The same code runs everywhere, so the bytes do not depend on the count."""
     if workers == 1:
-        yield lambda order: map(encode, order)
-        return
-    # spawn, not fork: the parent may hold threads (torch, pyarrow) that a fork would copy
-    # mid-lock; each worker receives the reader once, not with every task
-    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (encode,)) as pool:
-        yield lambda order: pool.imap(
-            _encode_in_worker, order, chunksize=max(1, min(64, len(order) // (8 * workers)))
+        return (encode(i) for i in order)
+    # multiprocessing's own test: a spawned child re-imports the parent's main module; a script
+    # that calls prepare unguarded would start prepare again in every worker
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise DataError(
+            "prepare(workers > 1) was started while a worker process imported the main "
+            "script: call it under `if __name__ == '__main__':` (the spawn start method "
+            "re-imports the script in every worker)"
         )
+    return _pooled(encode, order, workers)
+
+
+def _pooled(encode: EncodeSample, order: Sequence[int], workers: int) -> Iterator[bytes | str]:
+    chunk = max(1, min(64, len(order) // (8 * workers)))
+    # Each worker reads the encoder (with the source's reader: file lists, arrays) once from a
+    # file, not from its start-up pipe: the parent writes that pipe while still holding its
+    # read end, so a child that dies before reading more than the pipe's buffer would hang the
+    # parent. spawn, not fork: the parent may hold threads (torch, pyarrow, tqdm) that a fork
+    # would copy mid-lock. An executor, not a multiprocessing Pool: a worker that dies fails
+    # the run instead of hanging it.
+    tmp = tempfile.TemporaryDirectory(prefix="fmgen-prepare-")
+    job = Path(tmp.name) / "encode.pickle"
+    job.write_bytes(pickle.dumps(encode))
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(str(job),),
+    )
+    pending: deque[Future[list[bytes | str]]] = deque()
+    try:
+        for k in range(0, len(order), chunk):
+            pending.append(pool.submit(_encode_in_worker, list(order[k : k + chunk])))
+            if len(pending) > 2 * workers:  # a bounded queue: results wait for the writer
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+    except (BrokenProcessPool, BrokenPipeError):  # a worker died, or died while starting
+        raise DataError(
+            "a prepare worker process died (out of memory? killed? in a script: is prepare "
+            "called under `if __name__ == '__main__':`?); run with workers=1 to see the error"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        tmp.cleanup()
 
 
 def open_loaded(fp: Any) -> Image.Image:

@@ -20,6 +20,7 @@ A file that cannot be read is skipped, named in a warning and counted in the man
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Callable, Iterator
@@ -389,9 +390,10 @@ def prepare(
         "shuffle_seed": shuffle_seed,
         "source_samples": src.n,
     }
-    with encoded(encode, workers) as run:
+    # closing: an error in the writer stops the workers at once
+    with contextlib.closing(encoded(encode, order.tolist(), workers)) as results:
         m = write_shards(
-            examples(run(order.tolist())),
+            examples(results),
             out_dir,
             class_names=src.class_names,
             resolution=resolution,
