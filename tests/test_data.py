@@ -25,6 +25,7 @@ from fmgen.data import (
     prepare,
     read_manifest,
 )
+from fmgen.data.sources import write_order
 
 N_DIGITS = 1797
 
@@ -71,6 +72,12 @@ def rewrite_shard(path: Path, change) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
+def shard_keys(path: Path) -> list[str]:
+    """The sample keys of a tar shard, in the order they were written."""
+    with tarfile.open(path) as tar:
+        return list(dict.fromkeys(n.split(".")[0] for n in tar.getnames()))
+
+
 def edit_manifest(folder: Path, edit) -> None:
     m = json.loads((folder / "manifest.json").read_text())
     edit(m)
@@ -80,7 +87,7 @@ def edit_manifest(folder: Path, edit) -> None:
 # --- writer ---------------------------------------------------------------------------------
 
 
-def test_round_trip_digits_all_samples_in_order(d8):
+def test_round_trip_digits_all_samples_in_write_order(d8):
     m = read_manifest(d8)
     assert (m.num_samples, m.num_classes, m.resolution, m.channels) == (N_DIGITS, 10, 8, 1)
     assert len(m.shards) == 12 and sum(s.num_samples for s in m.shards) == N_DIGITS
@@ -92,8 +99,9 @@ def test_round_trip_digits_all_samples_in_order(d8):
     keys = [k for b in batches for k in b[2]]
     ref_x, ref_y = digits_float()
     assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape == (N_DIGITS, 1, 8, 8)
-    assert keys == [f"{i:08d}" for i in range(N_DIGITS)]
-    assert torch.equal(x, ref_x) and torch.equal(y, ref_y)
+    order = write_order(np.arange(N_DIGITS), 0)  # a seeded shuffle, keys = source indices
+    assert keys == [f"{i:08d}" for i in order] and sorted(order) == list(range(N_DIGITS))
+    assert torch.equal(x, ref_x[order]) and torch.equal(y, ref_y[order])
     assert loader.skipped == 0
 
 
@@ -102,19 +110,28 @@ def test_sample_members_and_metadata(d8):
         names = tar.getnames()[:3]
         meta = json.loads(tar.extractfile(names[1]).read())
         label = int(tar.extractfile(names[0]).read())
-    assert names == ["00000150.cls", "00000150.json", "00000150.png"]
-    assert meta["id"] == 150 and meta["label"] == label and meta["class"] == str(label)
-    assert meta["split"] == "train" and "load_digits[150]" in meta["origin"]
+    key = names[0].split(".")[0]
+    i = int(key)
+    assert (
+        names == [f"{key}.cls", f"{key}.json", f"{key}.png"]
+        and i == write_order(np.arange(N_DIGITS), 0)[150]
+    )
+    assert meta["id"] == i and meta["label"] == label == int(digits_float()[1][i])
+    assert meta["class"] == str(label)
+    assert meta["split"] == "train" and f"load_digits[{i}]" in meta["origin"]
 
 
 def test_upscaled_rgb_digits_match_digits_images(tmp_path):
     prepare("digits", tmp_path, resolution=16, channels=3, samples_per_shard=1000, progress=False)
-    batches = collect(ShardLoader(tmp_path, 1000, resampled=False, shuffle_buffer=0))
+    batches = collect(
+        ShardLoader(tmp_path, 1000, resampled=False, shuffle_buffer=0, return_keys=True)
+    )
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    ids = [int(k) for b in batches for k in b[2]]
     u8, labels = digits_images(resolution=16, channels=3)  # (N, 16, 16, 3)
-    assert x.shape == (N_DIGITS, 3, 16, 16)
-    assert torch.equal(x, torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1)
-    assert torch.equal(y, torch.from_numpy(labels))
+    assert x.shape == (N_DIGITS, 3, 16, 16) and sorted(ids) == list(range(N_DIGITS))
+    assert torch.equal(x, torch.from_numpy(u8[ids]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert torch.equal(y, torch.from_numpy(labels[ids]))
 
 
 def test_cli_help_jpeg_and_holdout_split(tmp_path, capsys):
@@ -181,9 +198,10 @@ def test_image_folder_source(tmp_path):
     ((x, y, keys),) = collect(
         ShardLoader(tmp_path / "out", 8, resampled=False, shuffle_buffer=0, return_keys=True)
     )
-    assert x.shape == (5, 3, 8, 8) and y.tolist() == [0, 0, 1, 1, 1]
+    at = {int(k): j for j, k in enumerate(keys)}  # source index -> position in the shards
+    assert x.shape == (5, 3, 8, 8) and [int(y[at[i]]) for i in range(5)] == [0, 0, 1, 1, 1]
     expect = np.array(fit_image(originals[("zebra", 1)], 8, 3))  # key 3 = zebra/1.png
-    assert torch.equal(x[3], torch.from_numpy(expect).permute(2, 0, 1).float() / 127.5 - 1)
+    assert torch.equal(x[at[3]], torch.from_numpy(expect).permute(2, 0, 1).float() / 127.5 - 1)
     # shorter side resized to 8 (13x8), then center-cropped
     assert expect.shape == (8, 8, 3) and fit_image(originals[("ant", 0)], 8, 1).mode == "L"
 
@@ -209,10 +227,13 @@ def test_datasets_save_to_disk_source(tmp_path):
         progress=False,
     )
     assert m.class_names == ("cat", "dog", "eel") and m.num_samples == 6
-    ((x, y),) = collect(ShardLoader(tmp_path / "out", 6, resampled=False, shuffle_buffer=0))
-    assert y.tolist() == [2, 0, 1, 2, 0, 1]
+    ((x, y, keys),) = collect(
+        ShardLoader(tmp_path / "out", 6, resampled=False, shuffle_buffer=0, return_keys=True)
+    )
+    at = {int(k): j for j, k in enumerate(keys)}  # source index -> position in the shards
+    assert [int(y[at[i]]) for i in range(6)] == [2, 0, 1, 2, 0, 1]
     gray = np.array(images[4].convert("L"))
-    assert torch.equal(x[4, 0], torch.from_numpy(gray).float() / 127.5 - 1)
+    assert torch.equal(x[at[4], 0], torch.from_numpy(gray).float() / 127.5 - 1)
     with pytest.raises(DataError, match="column 'image' is not in"):
         prepare("hf", tmp_path / "out2", source_path=tmp_path / "hf", progress=False)
 
@@ -254,25 +275,28 @@ def test_two_ranks_two_workers_see_every_sample_once(d8, tmp_path):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_undecodable_png_is_skipped_and_counted(d8, tmp_path, num_workers):
-    bad = {"00000151.png", "00000160.png", "00001796.png"}
     data = copy_shards(d8, tmp_path / "d")
+    k1, k11 = shard_keys(data / "train-000001.tar"), shard_keys(data / "train-000011.tar")
+    bad_keys = {k1[1], k1[10], k11[-1]}
+    bad = {f"{k}.png" for k in bad_keys}
     rewrite_shard(data / "train-000001.tar", lambda n, b: b"not a png" if n in bad else b)
     rewrite_shard(data / "train-000011.tar", lambda n, b: b[:40] if n in bad else b)  # cut-off png
     loader = ShardLoader(data, 64, resampled=False, num_workers=num_workers, return_keys=True)
     keys = [k for b in collect(loader) for k in b[2]]
     assert len(keys) == N_DIGITS - 3 and len(set(keys)) == len(keys)
     assert loader.skipped == 3
-    assert not {"00000151", "00000160", "00001796"} & set(keys)
+    assert not bad_keys & set(keys)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_truncated_tar_is_skipped_and_counted(d8, tmp_path, num_workers):
     data = copy_shards(d8, tmp_path / "d")
     shard = data / "train-000003.tar"
+    written = set(shard_keys(shard))
     shard.write_bytes(shard.read_bytes()[: 60 * 1024 + 700])  # cut inside a member
     loader = ShardLoader(data, 64, resampled=False, num_workers=num_workers, return_keys=True)
     keys = [k for b in collect(loader) for k in b[2]]
-    lost = {f"{i:08d}" for i in range(450, 600)} - set(keys)
+    lost = written - set(keys)
     assert 0 < len(lost) < 150  # the start of the cut shard survives
     assert loader.skipped == len(lost)  # lost samples are counted as samples, not as one read
     assert len(keys) == N_DIGITS - len(lost) and len(set(keys)) == len(keys)
@@ -335,11 +359,12 @@ def test_clear_errors_at_start_up(d8, tmp_path):
 def test_label_outside_classes_found_while_decoding(d8, tmp_path, num_workers):
     data = copy_shards(d8, tmp_path / "d")
     # the manifest's per-shard label ranges are fine; one sample's cls is not
-    rewrite_shard(data / "train-000002.tar", lambda n, b: b"12" if n == "00000310.cls" else b)
+    key = shard_keys(data / "train-000002.tar")[10]
+    rewrite_shard(data / "train-000002.tar", lambda n, b: b"12" if n == f"{key}.cls" else b)
     loader = ShardLoader(data, 64, resampled=False, num_workers=num_workers)
     with pytest.raises(
         DataError,
-        match=r"00000310 of .*train-000002\.tar has label 12, outside the 10 classes",
+        match=rf"{key} of .*train-000002\.tar has label 12, outside the 10 classes",
     ):
         collect(loader)
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from fmgen.base import setup_logging
 from fmgen.cli import run_guarded
-from fmgen.data import IMAGE_FORMATS, MANIFEST, SOURCES
+from fmgen.data import IMAGE_FORMATS, SOURCES
 from fmgen.data.sources import SPLITS
 
 
@@ -73,13 +73,42 @@ def parser() -> argparse.ArgumentParser:
         help="fraction of the source held out as 'test' (default: 0, all is train)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default: 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    p.add_argument(
+        "--shuffle-seed",
+        type=int,
+        default=0,
+        help="seed of the order samples are written in, so every shard mixes classes; the same "
+        "source and seeds give byte-identical shards (default: 0)",
+    )
+    p.add_argument(
+        "--background",
+        default="white",
+        help="colour transparent pixels are composited over: a name or #rrggbb (default: white)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes that decode, resize and encode images; the shards do not depend on it "
+        "(default: 1)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable image instead of skipping it with a warning",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace shards fmgen wrote in --out (kept until the new ones are complete)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fmgen.data prepare ...`` (also ``fmgen prepare ...``); prints a summary."""
+    """``python -m fmgen.data prepare ...`` (also ``fmgen prepare ...``); prints a summary: samples
+    written, unreadable images skipped, per-class counts, classes left empty."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "prepare":
         argv = argv[1:]
@@ -88,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def go() -> int:
         from fmgen.data import prepare
+        from fmgen.data.sources import summary_lines
 
         m = prepare(
             args.source,
@@ -101,19 +131,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             split=args.split,
             holdout_fraction=args.holdout_fraction,
             seed=args.seed,
+            shuffle_seed=args.shuffle_seed,
             fmt=args.format,
             quality=args.jpeg_quality,
+            background=args.background,
             samples_per_shard=args.samples_per_shard,
             max_shard_bytes=int(args.max_shard_mb * 2**20),
+            workers=args.workers,
+            strict=args.strict,
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-        print(
-            f"wrote {m.num_samples} samples ({m.num_classes} classes, "
-            f"{m.resolution}x{m.resolution}x{m.channels} {m.image_format}, "
-            f"{m.split.get('name')} split) to {m.root}: {m.pattern} ({len(m.shards)} shards) "
-            f"+ {MANIFEST}"
-        )
+        print("\n".join(summary_lines(m)))
         return 0
 
     return run_guarded(go)

@@ -2,10 +2,11 @@
 
 A prepared folder holds one split of one data set::
 
-    OUT/train-000000.tar ... train-000017.tar   WebDataset shards (``webdataset.ShardWriter``)
+    OUT/train-000000.tar ... train-000017.tar   WebDataset shards (``webdataset.TarWriter``)
     OUT/manifest.json                           what the loader needs without opening a shard
 
-Each sample is three tar members sharing a key (the sample's index in the source, 8 digits):
+Samples are in the order the writer was given (``prepare`` shuffles them, so shards mix
+classes). Each sample is three tar members sharing a key (its index in the source, 8 digits):
 ``KEY.png`` (or ``KEY.jpg``) the image, already ``resolution`` x ``resolution`` in mode L or RGB;
 ``KEY.cls`` the class index as ASCII text; ``KEY.json`` metadata
 ``{"id", "label", "class", "origin", "split"}``.
@@ -18,7 +19,8 @@ Each sample is three tar members sharing a key (the sample's index in the source
      "image": {"format": "png", "jpeg_quality": null, "resample": "bicubic"},
      "pattern": "train-{000000..000001}.tar",
      "shards": [{"name": "train-000000.tar", "samples": 1000, "labels": [0, 9]}, ...],
-     "split": {"name": "train", "holdout_fraction": 0.0, "seed": 0, "source_samples": 1797},
+     "split": {"name": "train", "holdout_fraction": 0.0, "seed": 0, "shuffle_seed": 0,
+               "source_samples": 1797, "unreadable": 0},
      "source": {"kind": "digits", ...}}
 
 ``fmgen.data.sources`` turns data sets into ``Example`` s (``prepare``); ``fmgen.data`` streams shards.
@@ -26,10 +28,12 @@ Each sample is three tar members sharing a key (the sample's index in the source
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,12 +209,22 @@ def encode_image(img: Image.Image, image_format: str = "png", jpeg_quality: int 
 
 @dataclass(frozen=True)
 class Example:
-    """One sample to write: an image already fitted to the target size and mode."""
+    """One sample to write: an image already fitted to the target size and mode, as a PIL image
+    or as its bytes in the shards' image format (``encode_image``; checked, not re-encoded)."""
 
-    image: Image.Image
+    image: Image.Image | bytes
     label: int
     id: int
     origin: str = ""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample the source could not give (an unreadable file): counted in the manifest."""
+
+    id: int
+    origin: str
+    reason: str = ""
 
 
 def _files_to_replace(out: Path, overwrite: bool) -> list[Path]:
@@ -248,8 +262,94 @@ def _files_to_replace(out: Path, overwrite: bool) -> list[Path]:
     return listed
 
 
+def _temp_name(name: str) -> str:
+    """Where shard ``name`` is written until the whole set is complete: hidden, not ``*.tar``."""
+    return f".{name}.tmp"
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in ``folder`` durable (a crash after it cannot undo them)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """``path`` holds ``data`` completely or keeps what it held: a synced temporary, renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class _Shard:
+    """One shard being written under its temporary name; counts samples, bytes and labels."""
+
+    def __init__(self, out: Path, name: str):
+        import webdataset as wds
+
+        self.name, self.temp = name, out / _temp_name(name)
+        self.file = open(self.temp, "wb")  # closed in finish or discard
+        # webdataset's ShardWriter opens its files from a name pattern and closes them itself,
+        # so it can neither write to a temporary name nor sync before a rename: one TarWriter
+        # per shard on a file of ours does both. A fixed mtime makes the same source give
+        # byte-identical shards.
+        self.tar = wds.TarWriter(self.file, mtime=0)
+        self.count, self.bytes, self.label_min, self.label_max = 0, 0, 1 << 62, -1
+
+    def write(self, sample: dict[str, Any], label: int) -> None:
+        self.bytes += self.tar.write(sample)  # payload bytes, as ShardWriter's maxsize counts
+        self.count += 1
+        self.label_min, self.label_max = min(self.label_min, label), max(self.label_max, label)
+
+    def finish(self) -> ShardInfo:
+        self.tar.close()  # the tar end blocks; the file stays open (it is ours)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return ShardInfo(self.name, self.count, self.label_min, self.label_max)
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):  # the error that brought us here may recur
+            self.tar.close()  # else tarfile writes its end blocks into the closed file later
+        self.file.close()
+        self.temp.unlink(missing_ok=True)
+
+
+def _image_bytes(ex: Example, resolution: int, mode: str, image_format: str, quality: int) -> bytes:
+    """The example's encoded image, after checking it is ``resolution`` x ``resolution`` ``mode``."""
+    if isinstance(ex.image, bytes):
+        try:
+            with Image.open(io.BytesIO(ex.image)) as im:  # the header alone: no decoding
+                size, got_mode, fmt = im.size, im.mode, im.format
+        except OSError as e:
+            raise DataError(
+                f"sample {ex.id} ({ex.origin}): its image bytes do not open ({e})"
+            ) from None
+        if fmt != {"png": "PNG", "jpg": "JPEG"}[image_format]:
+            raise DataError(
+                f"sample {ex.id} ({ex.origin}) is {fmt}, expected {image_format}: encode it with "
+                f"encode_image(img, {image_format!r})"
+            )
+    else:
+        size, got_mode = ex.image.size, ex.image.mode
+    if size != (resolution, resolution) or got_mode != mode:
+        raise DataError(
+            f"sample {ex.id} ({ex.origin}) is {size} {got_mode}, expected "
+            f"({resolution}, {resolution}) {mode}; fit it with fit_image first"
+        )
+    if isinstance(ex.image, bytes):
+        return ex.image
+    return encode_image(ex.image, image_format, quality)
+
+
 def write_shards(
-    examples: Iterable[Example],
+    examples: Iterable[Example | Skipped],
     out_dir: str | Path,
     *,
     class_names: list[str],
@@ -263,45 +363,46 @@ def write_shards(
     max_shard_bytes: int = 1 << 30,
     prefix: str = "train",
     overwrite: bool = False,
+    max_unreadable_listed: int = 10,
 ) -> Manifest:
     """Write ``examples`` as WebDataset shards ``OUT/{prefix}-NNNNNN.tar`` and the manifest.
 
-    The manifest is written last (atomically), so a folder without one is never mistaken for a
-    complete data set.
+    Samples are written in the order given. Each shard is written under a hidden temporary name
+    (``.{prefix}-NNNNNN.tar.tmp``), synced, and renamed only once every shard is complete; the
+    manifest comes last (atomically). So an interrupted or failed write leaves no file that
+    looks like a shard, and an earlier set replaced with ``overwrite`` stays whole until then
+    (the disk holds both for a while). ``Skipped`` entries are counted in the manifest
+    (``split.unreadable``; the origins of the first ``max_unreadable_listed`` by id in
+    ``split.unreadable_examples``).
     """
-    import webdataset as wds
-
     out = Path(out_dir)
     if image_format not in IMAGE_FORMATS:
         raise DataError(f"image format {image_format!r} is not one of {IMAGE_FORMATS}")
     if samples_per_shard < 1 or max_shard_bytes < 1:
         raise DataError("samples per shard and max shard size must be positive")
     out.mkdir(parents=True, exist_ok=True)
-    for p in _files_to_replace(out, overwrite):  # only what an fmgen manifest lists
-        p.unlink(missing_ok=True)
+    old = _files_to_replace(out, overwrite)  # refused now, before any work
+    stale = re.compile(rf"\.{re.escape(prefix)}-\d{{6}}\.tar\.tmp")
+    for p in out.iterdir():  # left by an interrupted write: fmgen's by their name
+        if stale.fullmatch(p.name):
+            p.unlink()
     mode = "L" if channels == 1 else "RGB"
-    counts: dict[str, list[int]] = {}  # shard name -> [samples, label min, label max]
     per_class = [0] * len(class_names)
     split_name = (split or {}).get("name", prefix)
-    # A fixed mtime makes the same source give byte-identical shards.
-    with wds.ShardWriter(
-        str(out / f"{prefix}-%06d.tar"),
-        maxcount=samples_per_shard,
-        maxsize=max_shard_bytes,
-        verbose=0,
-        mtime=0,
-    ) as writer:
+    unreadable: list[tuple[int, str]] = []  # (id, origin)
+    done: list[ShardInfo] = []
+    shard: _Shard | None = None
+    try:
         for ex in examples:
-            if ex.image.size != (resolution, resolution) or ex.image.mode != mode:
-                raise DataError(
-                    f"sample {ex.id} ({ex.origin}) is {ex.image.size} {ex.image.mode}, expected "
-                    f"({resolution}, {resolution}) {mode}; fit it with fit_image first"
-                )
+            if isinstance(ex, Skipped):
+                unreadable.append((ex.id, ex.origin))
+                continue
             if not 0 <= ex.label < len(class_names):
                 raise DataError(
                     f"sample {ex.id} ({ex.origin}) has label {ex.label}, outside "
                     f"0..{len(class_names) - 1}"
                 )
+            data = _image_bytes(ex, resolution, mode, image_format, jpeg_quality)
             meta = {
                 "id": ex.id,
                 "label": ex.label,
@@ -309,41 +410,60 @@ def write_shards(
                 "origin": ex.origin,
                 "split": split_name,
             }
-            writer.write(
-                {
-                    "__key__": f"{ex.id:08d}",
-                    image_format: encode_image(ex.image, image_format, jpeg_quality),
-                    "cls": str(ex.label).encode(),
-                    "json": json.dumps(meta).encode(),
-                }
-            )
-            name = Path(writer.fname).name  # after write: the shard this sample went to
-            c = counts.setdefault(name, [0, ex.label, ex.label])
-            c[0], c[1], c[2] = c[0] + 1, min(c[1], ex.label), max(c[2], ex.label)
+            sample = {
+                "__key__": f"{ex.id:08d}",
+                image_format: data,
+                "cls": str(ex.label).encode(),
+                "json": json.dumps(meta).encode(),
+            }
+            if shard is None or shard.count >= samples_per_shard or shard.bytes >= max_shard_bytes:
+                if shard is not None:
+                    done.append(shard.finish())
+                shard = _Shard(out, f"{prefix}-{len(done):06d}.tar")
+            shard.write(sample, ex.label)
             per_class[ex.label] += 1
-    for p in out.glob(f"{prefix}-*.tar"):
-        if p.name not in counts:  # ShardWriter opens its first file before any sample arrives
-            p.unlink()
-    if not counts:
+        if shard is not None:
+            done.append(shard.finish())
+            shard = None
+    except BaseException:  # an error or an interrupt: no temporary file stays behind
+        if shard is not None:
+            shard.discard()
+        for s in done:
+            (out / _temp_name(s.name)).unlink(missing_ok=True)
+        raise
+    if not done:
         raise DataError(f"no samples to write to {out}: the source (or its split) is empty")
-    names = sorted(counts)
-    first, last = (n[len(prefix) + 1 : -len(".tar")] for n in (names[0], names[-1]))
-    shards = tuple(ShardInfo(n, *counts[n]) for n in names)
+    # the old manifest goes first, so no manifest ever lists a mix of old and new shards
+    new = {s.name for s in done}
+    for p in old:
+        if p.name == MANIFEST:
+            p.unlink(missing_ok=True)
+    for s in done:
+        os.replace(out / _temp_name(s.name), out / s.name)
+    for p in old:
+        if p.name != MANIFEST and p.name not in new:
+            p.unlink(missing_ok=True)
+    _fsync_dir(out)
+    first, last = (n[len(prefix) + 1 : -len(".tar")] for n in (done[0].name, done[-1].name))
+    split_info = dict(split or {"name": prefix})
+    split_info["unreadable"] = len(unreadable)
+    if unreadable:
+        split_info["unreadable_examples"] = [
+            o for _, o in sorted(unreadable)[:max_unreadable_listed]
+        ]
     manifest = Manifest(
-        num_samples=sum(s.num_samples for s in shards),
+        num_samples=sum(s.num_samples for s in done),
         class_names=tuple(class_names),
         class_counts=tuple(per_class),
         resolution=resolution,
         channels=channels,
         image_format=image_format,
         jpeg_quality=jpeg_quality if image_format == "jpg" else None,
-        shards=shards,
+        shards=tuple(done),
         pattern=f"{prefix}-{{{first}..{last}}}.tar",
-        split=split or {"name": prefix},
+        split=split_info,
         source=source or {},
         root=out,
     )
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(_manifest_text(manifest.to_json()))
-    os.replace(tmp, out / MANIFEST)
+    _write_durably(out / MANIFEST, _manifest_text(manifest.to_json()).encode())
     return manifest

@@ -4,15 +4,23 @@
 deterministic train/test split, fits every image to the target size and writes shards with
 ``fmgen.data.shards.write_shards``.
 
-Images are fitted by resizing the shorter side to the resolution with PIL's bicubic filter
-(antialiased when shrinking) and center-cropping. scikit-learn's 8x8 digits (values 0..16,
-scaled to 0..255 with rounding) are upscaled with the same bicubic filter. The held-out split
-is a seeded permutation of source indices: ``--split test`` takes the first ``round(f * N)``
-of it and ``--split train`` the rest, so the two are disjoint and together the whole source.
+Every image is read upright (EXIF), 16-bit images scaled and transparent ones composited over
+a background colour, then fitted: see ``fmgen.data.images``.
+
+scikit-learn's 8x8 digits (values 0..16, scaled to 0..255 with rounding) are upscaled with the
+same bicubic filter. The held-out split is a seeded permutation of source indices: ``--split
+test`` takes the first ``round(f * N)`` of it and ``--split train`` the rest, so the two are
+disjoint and together the whole source. The samples of a split are written in a second seeded
+order (``shuffle_seed``), so every shard holds a mix of classes rather than one class after
+another; each sample keeps its source index as key and ``id``.
+
+A file that cannot be read is skipped, named in a warning and counted in the manifest
+(``split.unreadable``); ``strict=True`` (``--strict``) stops at it instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Callable, Iterator
@@ -23,31 +31,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fmgen.data.shards import DataError, Example, Manifest, write_shards
+from fmgen.data.images import EncodeSample, encoded, fit_image, open_loaded, parse_background
+from fmgen.data.shards import DataError, Example, Manifest, Skipped, write_shards
 
 log = logging.getLogger("fmgen.data")
 
-RESAMPLE = Image.Resampling.BICUBIC
 SOURCES = ("digits", "folder", "hf")
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def fit_image(img: Image.Image, resolution: int, channels: int) -> Image.Image:
-    """Mode L (channels 1) or RGB (3); shorter side resized to ``resolution`` (bicubic), then
-    center-cropped to ``resolution`` x ``resolution``."""
-    mode = "L" if channels == 1 else "RGB"
-    if img.mode != mode:
-        img = img.convert(mode)
-    w, h = img.size
-    if (w, h) != (resolution, resolution):
-        s = resolution / min(w, h)
-        nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), RESAMPLE)
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
-    return img
+LOGGED_UNREADABLE = 20  # unreadable files named one by one in the log; the rest are counted
 
 
 def _digits_u8() -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +74,7 @@ class Source:
     kind: str
     labels: np.ndarray  # (n,) int64
     class_names: list[str]
-    image: Callable[[int], Image.Image]  # the i-th image, any size and mode
+    image: Callable[[int], Image.Image]  # the i-th image, any size and mode; picklable
     origin: Callable[[int], str]  # a human-readable pointer to the i-th sample
     info: dict[str, Any]
     native_resolution: int | None = None
@@ -92,13 +84,46 @@ class Source:
         return len(self.labels)
 
 
+@dataclass(frozen=True)
+class _ArrayImages:
+    images: np.ndarray  # (n, H, W) uint8
+
+    def __call__(self, i: int) -> Image.Image:
+        return Image.fromarray(self.images[i])
+
+
+@dataclass(frozen=True)
+class _FileImages:
+    files: tuple[Path, ...]
+
+    def __call__(self, i: int) -> Image.Image:
+        return open_loaded(self.files[i])
+
+
+@dataclass(frozen=True)
+class _ColumnImages:
+    column: Any  # a datasets.Dataset holding the image column alone
+    name: str
+
+    def __call__(self, i: int) -> Image.Image:
+        v = self.column[i][self.name]
+        if isinstance(v, Image.Image):
+            return v
+        if isinstance(v, dict) and v.get("bytes") is not None:
+            return open_loaded(io.BytesIO(v["bytes"]))
+        if isinstance(v, dict) and v.get("path"):
+            return open_loaded(v["path"])
+        a = np.asarray(v)
+        return Image.fromarray(a if a.dtype == np.uint16 and a.ndim == 2 else a.astype(np.uint8))
+
+
 def digits_source() -> Source:
     u8, labels = _digits_u8()
     return Source(
         "digits",
         labels,
         [str(i) for i in range(10)],
-        lambda i: Image.fromarray(u8[i]),
+        _ArrayImages(u8),
         lambda i: f"sklearn.datasets.load_digits[{i}]",
         {"kind": "digits"},
         8,
@@ -106,7 +131,10 @@ def digits_source() -> Source:
 
 
 def folder_source(path: str | Path) -> Source:
-    """ImageFolder layout: ``path/<class>/**/<image>``; classes are the sorted sub-folder names."""
+    """ImageFolder layout: ``path/<class>/**/<image>``; classes are the sorted sub-folder names.
+
+    Files are listed (and labelled) up front by suffix; they are opened only when written.
+    """
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist; pass an existing --source-path")
@@ -124,17 +152,11 @@ def folder_source(path: str | Path) -> Source:
             f"no images in class sub-folders of {root}: expected {root}/<class name>/<image>.png "
             f"(suffixes {sorted(IMAGE_SUFFIXES)})"
         )
-
-    def image(i: int) -> Image.Image:
-        with Image.open(files[i]) as im:
-            im.load()
-            return im
-
     return Source(
         "folder",
         np.asarray(labels, dtype=np.int64),
         classes,
-        image,
+        _FileImages(tuple(files)),
         lambda i: str(files[i].relative_to(root)),
         {"kind": "folder", "path": str(root)},
     )
@@ -196,17 +218,6 @@ def hf_source(
             index = {v: k for k, v in enumerate(values)}
             labels, names = np.asarray([index[v] for v in raw], np.int64), [str(v) for v in values]
     column = ds.select_columns([image_column])
-
-    def image(i: int) -> Image.Image:
-        v = column[i][image_column]
-        if isinstance(v, Image.Image):
-            return v
-        if isinstance(v, dict) and v.get("bytes") is not None:
-            return Image.open(io.BytesIO(v["bytes"]))
-        if isinstance(v, dict) and v.get("path"):
-            return Image.open(v["path"])
-        return Image.fromarray(np.asarray(v).astype(np.uint8))
-
     info = {
         "kind": "hf",
         "path": name_or_path,
@@ -214,7 +225,14 @@ def hf_source(
         "image_column": image_column,
         "label_column": label_column,
     }
-    return Source("hf", labels, names, image, lambda i: f"{name_or_path}[{hf_split}][{i}]", info)
+    return Source(
+        "hf",
+        labels,
+        names,
+        _ColumnImages(column, image_column),
+        lambda i: f"{name_or_path}[{hf_split}][{i}]",
+        info,
+    )
 
 
 def open_source(kind: str, source_path: str | Path | None = None, **hf_options: Any) -> Source:
@@ -247,6 +265,22 @@ def split_indices(n: int, split: str, holdout_fraction: float, seed: int) -> np.
 # --------------------------------------------------------------------------------------------
 
 
+def write_order(indices: np.ndarray, shuffle_seed: int) -> np.ndarray:
+    """The split's source indices in the order they are written: a seeded permutation."""
+    # its own stream ([seed, 1]), so the order is not tied to the split's permutation (seed)
+    return indices[np.random.default_rng([shuffle_seed, 1]).permutation(len(indices))]
+
+
+def _first_size(src: Source) -> tuple[int, int]:
+    """The size of the first readable image (the default resolution is its shorter side)."""
+    for i in range(src.n):
+        try:
+            return src.image(i).size
+        except Exception:  # unreadable: prepare names it when it reaches it
+            continue
+    raise DataError(f"none of the {src.n} images of the source can be read (e.g. {src.origin(0)})")
+
+
 def prepare(
     source: str,
     out_dir: str | Path,
@@ -260,10 +294,14 @@ def prepare(
     split: str = "train",
     holdout_fraction: float = 0.0,
     seed: int = 0,
+    shuffle_seed: int = 0,
     fmt: str = "png",
     quality: int = 95,
+    background: str = "white",
     samples_per_shard: int = 1000,
     max_shard_bytes: int = 1 << 30,
+    workers: int = 1,
+    strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Manifest:
@@ -273,24 +311,31 @@ def prepare(
         source: "digits" (scikit-learn, bundled), "folder" (ImageFolder layout) or "hf"
             (a ``save_to_disk`` folder or a named ``datasets`` data set).
         resolution: output size R (images R x R); default: 8 for digits, else the shorter side
-            of the first image.
+            of the first readable image.
         channels: 1 (mode L) or 3 (RGB); default 1 for digits, else 3.
         source_path: the image folder, ``save_to_disk`` folder or data set name.
         image_column, label_column, hf_split: for "hf" (``label_column`` None: one class).
         split, holdout_fraction, seed: which part of a deterministic train/test split to write
             (``holdout_fraction`` 0 writes everything as "train").
+        shuffle_seed: seed of the order the split's samples are written in (across shards).
         fmt: image encoding, "png" or "jpg" (JPEG ``quality``, 1..95).
+        background: the colour transparent pixels are composited over (a name or "#rrggbb").
         samples_per_shard, max_shard_bytes: a shard is closed at whichever comes first.
+        workers: processes that decode, fit and encode; the shards are the same for any count.
+        strict: stop at the first unreadable image (DataError naming it) instead of skipping.
 
     Returns:
-        The manifest that was written.
+        The manifest that was written (``summary_lines`` turns it into a report).
     """
     from tqdm.auto import tqdm
 
     if not 1 <= quality <= 100:
         raise DataError(f"JPEG quality must lie in 1..100 (95 is a good choice), got {quality}")
-    if seed < 0:
-        raise DataError(f"the split seed must be >= 0, got {seed}")
+    if seed < 0 or shuffle_seed < 0:
+        raise DataError(f"the split and shuffle seeds must be >= 0, got {seed} and {shuffle_seed}")
+    if workers < 1:
+        raise DataError(f"workers must be >= 1 (1 = this process alone), got {workers}")
+    bg = parse_background(background)
     src = open_source(
         source, source_path, image_column=image_column, label_column=label_column, hf_split=hf_split
     )
@@ -299,51 +344,103 @@ def prepare(
     if channels not in (1, 3):
         raise DataError(f"channels must be 1 or 3, got {channels}")
     if resolution is None:
-        resolution = src.native_resolution or min(src.image(0).size)
+        resolution = src.native_resolution or min(_first_size(src))
     if resolution < 1:
         raise DataError(f"resolution must be positive, got {resolution}")
-    indices = split_indices(src.n, split, holdout_fraction, seed)
+    order = write_order(split_indices(src.n, split, holdout_fraction, seed), shuffle_seed)
     log.info(
-        "preparing %d of %d %s samples (%s split) at %dx%dx%d in %s",
-        len(indices),
-        src.n,
-        source,
-        split,
-        resolution,
-        resolution,
-        channels,
-        out_dir,
-    )
+        "preparing %d of %d %s samples (%s split) at %dx%dx%d in %s with %d worker(s)",
+        len(order), src.n, source, split, resolution, resolution, channels, out_dir, workers,
+    )  # fmt: skip
+    encode = EncodeSample(src.image, resolution, channels, bg, fmt, quality)
 
-    def examples() -> Iterator[Example]:
+    def examples(results: Iterator[bytes | str]) -> Iterator[Example | Skipped]:
+        skipped = 0
         bar = tqdm(
-            indices,
+            zip(order.tolist(), results, strict=True),
+            total=len(order),
             desc=f"prepare {source}",
             unit="img",
-            disable=not progress or len(indices) < 5000,
+            disable=True if not progress else None,  # None: shown on a terminal only
         )
-        for i in bar:
-            img = fit_image(src.image(int(i)), resolution, channels)
-            yield Example(img, int(src.labels[i]), int(i), src.origin(int(i)))
+        for i, result in bar:
+            if isinstance(result, str):
+                if strict:
+                    raise DataError(
+                        f"cannot read image {src.origin(i)} ({result}); fix or remove it, or "
+                        f"drop --strict to skip unreadable images"
+                    )
+                skipped += 1
+                if skipped <= LOGGED_UNREADABLE:
+                    log.warning("skipping unreadable image %s: %s", src.origin(i), result)
+                yield Skipped(i, src.origin(i), result)
+            else:
+                yield Example(result, int(src.labels[i]), i, src.origin(i))
+        if skipped:
+            log.warning(
+                "skipped %d unreadable image(s)%s",
+                skipped,
+                f" ({LOGGED_UNREADABLE} named above)" if skipped > LOGGED_UNREADABLE else "",
+            )
 
     split_info = {
         "name": split,
         "holdout_fraction": holdout_fraction,
         "seed": seed,
+        "shuffle_seed": shuffle_seed,
         "source_samples": src.n,
     }
-    return write_shards(
-        examples(),
-        out_dir,
-        class_names=src.class_names,
-        resolution=resolution,
-        channels=channels,
-        split=split_info,
-        source=src.info,
-        image_format=fmt,
-        jpeg_quality=quality,
-        samples_per_shard=samples_per_shard,
-        max_shard_bytes=max_shard_bytes,
-        prefix=split,
-        overwrite=overwrite,
-    )
+    # closing: an error in the writer stops the workers at once
+    with contextlib.closing(encoded(encode, order.tolist(), workers)) as results:
+        m = write_shards(
+            examples(results),
+            out_dir,
+            class_names=src.class_names,
+            resolution=resolution,
+            channels=channels,
+            split=split_info,
+            source={**src.info, "background": "#{:02x}{:02x}{:02x}".format(*bg)},
+            image_format=fmt,
+            jpeg_quality=quality,
+            samples_per_shard=samples_per_shard,
+            max_shard_bytes=max_shard_bytes,
+            prefix=split,
+            overwrite=overwrite,
+        )
+    for name in empty_classes(m):
+        log.warning("class %r has no readable images in the %s split", name, split)
+    return m
+
+
+def empty_classes(m: Manifest) -> list[str]:
+    return [name for name, n in zip(m.class_names, m.class_counts, strict=True) if n == 0]
+
+
+def summary_lines(m: Manifest, max_classes: int = 20) -> list[str]:
+    """What ``prepare`` wrote, for people: samples, shards, skipped files, per-class counts."""
+    lines = [
+        f"wrote {m.num_samples} samples ({m.num_classes} classes, "
+        f"{m.resolution}x{m.resolution}x{m.channels} {m.image_format}, "
+        f"{m.split.get('name')} split) to {m.root}: {m.pattern} ({len(m.shards)} shards) "
+        f"+ manifest.json"
+    ]
+    unreadable = int(m.split.get("unreadable", 0))
+    if unreadable:
+        shown = list(m.split.get("unreadable_examples", []))[:5]
+        more = f", ... ({unreadable - len(shown)} more)" if unreadable > len(shown) else ""
+        lines.append(f"skipped {unreadable} unreadable image(s): {', '.join(shown)}{more}")
+    counts = list(zip(m.class_names, m.class_counts, strict=True))
+    if len(counts) <= max_classes:
+        lines.append("per class: " + ", ".join(f"{name}: {n}" for name, n in counts))
+    else:
+        lo, hi = min(counts, key=lambda c: c[1]), max(counts, key=lambda c: c[1])
+        lines.append(
+            f"per class: {lo[1]} ({lo[0]}) to {hi[1]} ({hi[0]}); every count is in manifest.json"
+        )
+    empty = empty_classes(m)
+    if empty:
+        lines.append(
+            f"warning: {len(empty)} class(es) without readable images: {', '.join(empty[:10])}"
+            f"{', ...' if len(empty) > 10 else ''}"
+        )
+    return lines
