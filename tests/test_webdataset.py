@@ -276,3 +276,23 @@ def test_an_index_gives_counts_and_classes_to_training_and_fid(foreign, tmp_path
     assert fid["num_reference"] == 300
     assert fid["reference"]["cache"].startswith(str(tmp_path / "idx" / "fid-cache"))
     assert checksums(foreign["root"]) == before
+
+
+def test_loader_reads_16_bit_alpha_and_rotated_images_as_prepare_does():
+    import io
+
+    ramp = np.linspace(0, 65535, R * R).round().astype(np.uint16).reshape(R, R)
+    sixteen = Image.fromarray(ramp)  # mode I;16
+    arr, _, _ = decode({"png": _png(sixteen)}, Decoding(R, 1, 1, label_key=""), "x")
+    assert np.array_equal(arr[..., 0], np.rint(ramp / 257.0).astype(np.uint8))  # not clipped white
+    rgba = Image.new("RGBA", (R, R), (255, 0, 0, 0))  # fully transparent red
+    arr, _, _ = decode({"png": _png(rgba)}, Decoding(R, 3, 1, label_key=""), "x")
+    assert (arr == 255).all()  # composited on white, not black red
+    tall = np.zeros((24, 16), np.uint8)
+    tall[:4] = 255  # a bright band at the top of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    buf = io.BytesIO()
+    Image.fromarray(tall).save(buf, format="JPEG", quality=95, exif=exif)
+    arr, _, _ = decode({"jpg": buf.getvalue()}, Decoding(R, 1, 1, label_key="", fit="resize"), "x")
+    assert arr[:, -3:].mean() > 200 and arr[:, :3].mean() < 50  # the band is on the right

@@ -6,7 +6,8 @@ Shards written by other tools differ from fmgen's in three ways, each an option 
 - the label (``label_key``, an integer as text such as WebDataset's ``cls``; empty: none, every
   sample is label 0 of one class, for unconditional training);
 - the image size (``fit``): ``center-crop`` resizes the shorter side to the resolution (bicubic,
-  antialiased) and crops the middle, as ``prepare`` does; ``resize`` squeezes to R x R whatever
+  antialiased) and crops the middle, as ``prepare`` does (``fmgen.data.images``: also upright
+  by EXIF, 16-bit scaled, alpha composited on white); ``resize`` squeezes to R x R whatever
   the aspect; ``pad`` fits the longer side and pads with black; ``none`` keeps fmgen's strict
   check (a wrong size is an unusable sample).
 
@@ -19,8 +20,9 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
+from fmgen.data.images import convert_mode, fit_image
 from fmgen.data.shards import DataError
 
 FITS = ("center-crop", "resize", "pad", "none")
@@ -89,12 +91,7 @@ def fit(im: Image.Image, d: Decoding) -> Image.Image:
         canvas = Image.new(im.mode, (r, r), 0)
         canvas.paste(im.resize((nw, nh), _RESAMPLE), ((r - nw) // 2, (r - nh) // 2))
         return canvas
-    s = r / min(w, h)  # center-crop
-    nw, nh = max(r, round(w * s)), max(r, round(h * s))
-    if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), _RESAMPLE)
-    left, top = (nw - r) // 2, (nh - r) // 2
-    return im.crop((left, top, left + r, top + r))
+    return fit_image(im, r, d.channels)  # center-crop, as prepare fits
 
 
 def decode(members: dict[str, bytes], d: Decoding, where: str) -> tuple[np.ndarray, int, str]:
@@ -110,7 +107,10 @@ def decode(members: dict[str, bytes], d: Decoding, where: str) -> tuple[np.ndarr
         with Image.open(io.BytesIO(data), formats=_PIL_FORMATS.get(key)) as im:
             if d.fit != "none" and min(im.size) >= 2 * r:
                 im.draft(mode, (r, r))  # JPEG: decode at 1/2..1/8 scale, still >= R x R
-            im = im if im.mode == mode else im.convert(mode)
+            if key != "png":  # photos carry an EXIF orientation; fmgen's PNGs are upright
+                im = ImageOps.exif_transpose(im)
+            # 16-bit scaled, alpha composited on white, as prepare reads images
+            im = im if im.mode == mode else convert_mode(im, d.channels)
             arr = np.asarray(fit(im, d))
     except Exception as e:  # PIL raises many types for bad bytes
         raise Unusable("undecodable", f"undecodable .{key}: {type(e).__name__}: {e}") from None

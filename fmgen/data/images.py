@@ -20,14 +20,11 @@ skip it or stop.
 from __future__ import annotations
 
 import multiprocessing
-import pickle
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -117,9 +114,9 @@ class EncodeSample:
 _worker_encode: EncodeSample | None = None
 
 
-def _init_worker(job: str) -> None:
+def _init_worker(make: Callable[[str], EncodeSample], job: str) -> None:
     global _worker_encode
-    _worker_encode = pickle.loads(Path(job).read_bytes())  # written by _pooled, just now
+    _worker_encode = make(job)  # the source opened again from its JSON description
 
 
 def _encode_in_worker(indices: list[int]) -> list[bytes | str]:
@@ -127,9 +124,13 @@ def _encode_in_worker(indices: list[int]) -> list[bytes | str]:
     return [_worker_encode(i) for i in indices]
 
 
-def encoded(encode: EncodeSample, order: Sequence[int], workers: int) -> Iterator[bytes | str]:
+def encoded(
+    encode: EncodeSample, order: Sequence[int], workers: int, *,
+    make: Callable[[str], EncodeSample] | None = None, job: str = "",
+) -> Iterator[bytes | str]:  # fmt: skip
     """``encode(i)`` for every ``i`` of ``order``, in order, on ``workers`` processes (1: this
-    one). The same code runs everywhere, so the bytes do not depend on the count."""
+    one). The same code runs everywhere, so the bytes do not depend on the count: each worker
+    builds its own ``encode`` as ``make(job)``, from a JSON description of the source."""
     if workers == 1:
         return (encode(i) for i in order)
     # multiprocessing's own test: a spawned child re-imports the parent's main module; a script
@@ -140,25 +141,26 @@ def encoded(encode: EncodeSample, order: Sequence[int], workers: int) -> Iterato
             "script: call it under `if __name__ == '__main__':` (the spawn start method "
             "re-imports the script in every worker)"
         )
-    return _pooled(encode, order, workers)
+    if make is None:
+        raise ValueError("encoded(workers > 1) needs make and job: how workers open the source")
+    return _pooled(make, job, order, workers)
 
 
-def _pooled(encode: EncodeSample, order: Sequence[int], workers: int) -> Iterator[bytes | str]:
+def _pooled(
+    make: Callable[[str], EncodeSample], job: str, order: Sequence[int], workers: int
+) -> Iterator[bytes | str]:
     chunk = max(1, min(64, len(order) // (8 * workers)))
-    # Each worker reads the encoder (with the source's reader: file lists, arrays) once from a
-    # file, not from its start-up pipe: the parent writes that pipe while still holding its
-    # read end, so a child that dies before reading more than the pipe's buffer would hang the
-    # parent. spawn, not fork: the parent may hold threads (torch, pyarrow, tqdm) that a fork
+    # Each worker opens the source again from its short JSON description (a file list or an
+    # array sent through the worker's start-up pipe could hang the parent: it writes that pipe
+    # while still holding its read end, so a child that dies before reading it all never
+    # returns). spawn, not fork: the parent may hold threads (torch, pyarrow, tqdm) that a fork
     # would copy mid-lock. An executor, not a multiprocessing Pool: a worker that dies fails
     # the run instead of hanging it.
-    tmp = tempfile.TemporaryDirectory(prefix="fmgen-prepare-")
-    job = Path(tmp.name) / "encode.pickle"
-    job.write_bytes(pickle.dumps(encode))
     pool = ProcessPoolExecutor(
         workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(str(job),),
+        initargs=(make, job),
     )
     pending: deque[Future[list[bytes | str]]] = deque()
     try:
@@ -175,7 +177,6 @@ def _pooled(encode: EncodeSample, order: Sequence[int], workers: int) -> Iterato
         ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        tmp.cleanup()
 
 
 def open_loaded(fp: Any) -> Image.Image:

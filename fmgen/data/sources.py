@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -247,6 +248,16 @@ def open_source(kind: str, source_path: str | Path | None = None, **hf_options: 
     return hf_source(str(source_path), **hf_options)
 
 
+def encoder_from_json(job: str) -> EncodeSample:
+    """A prepare worker's ``EncodeSample``: the source opened again from ``src.info`` (JSON)."""
+    d = json.loads(job)
+    s = d["source"]
+    options = {k: s[k] for k in ("image_column", "label_column", "hf_split") if k in s}
+    src = open_source(s["kind"], s.get("path"), **options)
+    return EncodeSample(src.image, d["resolution"], d["channels"], tuple(d["background"]),
+                        d["image_format"], d["jpeg_quality"])  # fmt: skip
+
+
 def split_indices(n: int, split: str, holdout_fraction: float, seed: int) -> np.ndarray:
     """Sorted source indices of ``split``: "test" = the first round(f*n) of a seeded permutation."""
     if split not in SPLITS:
@@ -353,6 +364,8 @@ def prepare(
         len(order), src.n, source, split, resolution, resolution, channels, out_dir, workers,
     )  # fmt: skip
     encode = EncodeSample(src.image, resolution, channels, bg, fmt, quality)
+    job = json.dumps({"source": src.info, "resolution": resolution, "channels": channels,
+                      "background": list(bg), "image_format": fmt, "jpeg_quality": quality})  # fmt: skip
 
     def examples(results: Iterator[bytes | str]) -> Iterator[Example | Skipped]:
         skipped = 0
@@ -391,7 +404,9 @@ def prepare(
         "source_samples": src.n,
     }
     # closing: an error in the writer stops the workers at once
-    with contextlib.closing(encoded(encode, order.tolist(), workers)) as results:
+    with contextlib.closing(
+        encoded(encode, order.tolist(), workers, make=encoder_from_json, job=job)
+    ) as results:
         m = write_shards(
             examples(results),
             out_dir,
