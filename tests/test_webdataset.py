@@ -296,3 +296,26 @@ def test_loader_reads_16_bit_alpha_and_rotated_images_as_prepare_does():
     Image.fromarray(tall).save(buf, format="JPEG", quality=95, exif=exif)
     arr, _, _ = decode({"jpg": buf.getvalue()}, Decoding(R, 1, 1, label_key="", fit="resize"), "x")
     assert arr[:, -3:].mean() > 200 and arr[:, :3].mean() < 50  # the band is on the right
+
+
+def test_an_object_store_url_says_to_stream_it_through_pipe():
+    with pytest.raises(DataError, match=r"s3: URLs; .*'pipe:aws s3 cp s3://b/train-0\.tar -'"):
+        one_pass("s3://b/train-{0..2}.tar", label_key="")
+
+
+def test_remote_shards_start_while_the_previous_one_is_read(foreign, monkeypatch):
+    """Each next pipe: shard is opened before the current one is parsed to its end, and a
+    stream stopped early closes the one it started."""
+    import fmgen.data.stream as stream
+
+    events: list[str] = []
+    real_start, real_discard = stream.start_shard, stream.discard
+    monkeypatch.setattr(
+        stream, "start_shard", lambda u: events.append(f"start {u[-8:]}") or real_start(u)
+    )
+    monkeypatch.setattr(stream, "discard", lambda h: events.append("discard") or real_discard(h))
+    urls = [f"pipe:cat {p}" for p in sorted(foreign["wds"].glob("*.tar"))]
+    batches = one_pass(urls, num_classes=10)
+    assert sum(len(b[0]) for b in batches) == 300
+    assert events[:2] == ["start 0000.tar", "start 0001.tar"]  # the 2nd before the 1st is read
+    assert events[-1] == "discard"

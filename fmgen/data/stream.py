@@ -13,7 +13,7 @@ import itertools
 import logging
 import random
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple
 
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fmgen.data.decode import Decoding, Unusable, decode, hint
 from fmgen.data.shards import DataError
-from fmgen.data.urls import open_shard
+from fmgen.data.urls import discard, open_shard, start_shard
 
 log = logging.getLogger("fmgen.data")
 
@@ -44,7 +44,9 @@ class LaneSpec:
     """Everything a lane needs; picklable (sent to DataLoader workers)."""
 
     shards: tuple[str, ...]  # local paths or URLs (fmgen.data.urls)
-    shard_samples: tuple[int | None, ...]  # samples per shard (manifest or index), to count lost ones
+    shard_samples: tuple[
+        int | None, ...
+    ]  # samples per shard (manifest or index), to count lost ones
     decoding: Decoding
     batch_size: int
     rank: int
@@ -158,15 +160,16 @@ def tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
             pax, long_name = {}, ""
 
 
-def shard_samples(location: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def shard_samples(location: str, started: Any = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) of one shard's samples, in order (WebDataset's grouping:
     consecutive members sharing the name up to the first dot of the file name).
 
     Raises ``tarfile.TarError`` / ``OSError`` when the shard cannot be read to its end, after
-    the complete samples before; the sample being read then is lost.
+    the complete samples before; the sample being read then is lost. ``started``: see
+    ``fmgen.data.urls.start_shard``.
     """
     key, members = "", {}
-    with open_shard(location) as f:
+    with open_shard(location, started) as f:
         for name, data in tar_members(f):
             folder, _, file = name.rpartition("/")
             base, dot, ext = file.partition(".")
@@ -193,26 +196,45 @@ def _tar_samples(
     lost, naming the shard.
     """
     empty = 0
-    for path in paths:
-        n, key, read_to_end = 0, "", True
-        try:
-            for key, members in shard_samples(path):
-                n += 1
-                yield key, members, path
-        except (tarfile.TarError, OSError, EOFError) as e:
-            owed = expected.get(path)
-            on_error(f"shard {path} (after key {key!r})", f"unreadable tar: {type(e).__name__}: {e}",
-                     max(1, owed - n) if owed is not None else 1)  # fmt: skip
-            read_to_end = False
+    ahead = iter(paths)
+    path = next(ahead, None)
+    started = start_shard(path) if path is not None else None
+    try:
+        while path is not None:
+            # the next remote shard starts downloading while this one is parsed
+            following = next(ahead, None)
+            handle, started = started, start_shard(following) if following is not None else None
+            n = yield from _shard_of(path, handle, on_error, expected)
+            empty = 0 if n else empty + 1
+            if empty > limit:
+                raise DataError(
+                    f"{empty} shards in a row yielded no sample (last: {path}); the shards look "
+                    f"corrupt or cannot be read: check data.path"
+                )
+            path = following
+    finally:
+        discard(started)  # a stream stopped early (a resampled epoch's end) leaves one started
+
+
+def _shard_of(
+    path: str, handle: Any, on_error: Callable[[str, str, int], None],
+    expected: dict[str, int | None],
+) -> Generator[tuple[str, dict[str, bytes], str], None, int]:  # fmt: skip
+    """The samples of one shard for ``_tar_samples``; returns how many were read."""
+    n, key, read_to_end = 0, "", True
+    try:
+        for key, members in shard_samples(path, handle):
+            n += 1
+            yield key, members, path
+    except (tarfile.TarError, OSError, EOFError) as e:
         owed = expected.get(path)
-        if read_to_end and owed is not None and n < owed:  # cut at a member boundary
-            on_error(f"shard {path}", f"it ended after {n} of its {owed} samples", owed - n)
-        empty = 0 if n else empty + 1
-        if empty > limit:
-            raise DataError(
-                f"{empty} shards in a row yielded no sample (last: {path}); the shards look "
-                f"corrupt or cannot be read: check data.path"
-            )
+        on_error(f"shard {path} (after key {key!r})", f"unreadable tar: {type(e).__name__}: {e}",
+                 max(1, owed - n) if owed is not None else 1)  # fmt: skip
+        read_to_end = False
+    owed = expected.get(path)
+    if read_to_end and owed is not None and n < owed:  # cut at a member boundary
+        on_error(f"shard {path}", f"it ended after {n} of its {owed} samples", owed - n)
+    return n
 
 
 def _shuffled(items: Iterator[Any], rng: random.Random, size: int) -> Iterator[Any]:

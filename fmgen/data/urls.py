@@ -23,7 +23,7 @@ import io
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from fmgen.data.shards import DataError
 
@@ -78,6 +78,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
             f"list of them"
         )
     locations = list(dict.fromkeys(found))
+    _check_schemes(locations)
     local = [u for u in locations if not is_url(u) or u.startswith("file:")]
     paths = [Path(re.sub(r"^file:(//)?", "", u)) for u in local]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -95,6 +96,24 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     return locations
 
 
+def _check_schemes(locations: list[str]) -> None:
+    """Every URL's scheme is one ``webdataset.gopen`` opens; object stores go through pipe:."""
+    import sys
+
+    import webdataset  # noqa: F401  (fills webdataset.gopen's scheme table)
+
+    known = {"file", "pipe", *sys.modules["webdataset.gopen"].gopen_schemes}
+    for u in locations:
+        m = _SCHEME.match(u)
+        if m and m.group(1).lower() not in known:
+            command = {"s3": f"pipe:aws s3 cp {u} -", "az": f"pipe:azcopy cp {u} /dev/stdout"}.get(
+                m.group(1).lower(), f"pipe:YOUR-CLI-CAT {u}")  # fmt: skip
+            raise DataError(
+                f"{u}: webdataset.gopen cannot open {m.group(1)}: URLs; stream each shard "
+                f"through a command that writes it to stdout, e.g. {command!r}, or use http(s)://"
+            )
+
+
 class _Peekable(io.RawIOBase):
     """A read-only raw stream over any object with ``read(n)``, for ``io.BufferedReader``."""
 
@@ -110,20 +129,53 @@ class _Peekable(io.RawIOBase):
         return len(data)
 
 
-@contextlib.contextmanager
-def open_shard(location: str) -> Iterator[BinaryIO]:
-    """A buffered binary stream (with ``peek``) of one shard; closed, and checked, on exit.
-
-    A ``pipe:`` or curl command that fails raises ``OSError`` naming its exit status when the
-    stream closes, so a shard cut short by a failed download is never mistaken for a short one.
-    """
-    if not is_url(location):
-        with open(location, "rb", buffering=_READ_BUFFER) as f:
-            yield f
-        return
+def start_shard(location: str) -> Any:
+    """Start reading a remote shard now (``pipe:`` and curl commands connect and fill their
+    pipe while the previous shard is parsed); None for local files, which need no head start.
+    Pass the result to ``open_shard``, or to ``discard`` if it is not needed after all."""
+    if not is_url(location) or location.startswith("file:"):
+        return None
     from webdataset import gopen
 
-    handle = gopen(location, "rb", bufsize=_READ_BUFFER)
+    try:
+        return gopen(location, "rb", bufsize=_READ_BUFFER)
+    except Exception as e:  # the opener's own errors: an unreadable shard, reported as such
+        return _Failed(f"{type(e).__name__}: {e}")
+
+
+class _Failed:
+    """A shard whose opening failed; reading it raises the reason as ``OSError``."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def close(self) -> None:
+        pass
+
+
+def discard(handle: Any) -> None:
+    """Close a started shard that will not be read (its command's exit status is ignored)."""
+    if handle is not None:
+        with contextlib.suppress(Exception):
+            handle.close()
+
+
+@contextlib.contextmanager
+def open_shard(location: str, started: Any = None) -> Iterator[BinaryIO]:
+    """A buffered binary stream (with ``peek``) of one shard; closed, and checked, on exit.
+
+    ``started``: the handle ``start_shard(location)`` returned. A ``pipe:`` or curl command
+    that fails raises ``OSError`` naming its exit status when the stream closes, so a shard cut
+    short by a failed download is never mistaken for a short one.
+    """
+    if not is_url(location) or (location.startswith("file:") and started is None):
+        path = re.sub(r"^file:(//)?", "", location)
+        with open(path, "rb", buffering=_READ_BUFFER) as f:
+            yield f
+        return
+    handle = started if started is not None else start_shard(location)
+    if isinstance(handle, _Failed):
+        raise OSError(f"opening {location} failed: {handle.reason}")
     # A Pipe (pipe:, http(s) through curl) polls its process on every read(); its buffered
     # stdout is read directly instead, and the exit status is checked once, on close.
     stream = getattr(handle, "stream", handle)
