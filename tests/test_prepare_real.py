@@ -433,3 +433,34 @@ def test_bad_options_are_one_line(tmp_path, capsys, argv, needle):
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "p").exists()
+
+
+def test_overwrite_replaces_only_shards_of_the_same_source(tmp_path):
+    """--overwrite re-prepares a folder from its own source; shards of another source stay."""
+    from conftest import DIGITS
+    from foreign import checksums as checksums_of
+
+    from fmgen.config import load_config
+    from fmgen.data import prepare as prep
+    from fmgen.data.pipeline import ensure_shards
+
+    out = tmp_path / "d"
+    prep("digits", out, resolution=8, channels=1, progress=False)
+    before = checksums_of(out)
+    folder = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / c / f"{i}.png")
+    with pytest.raises(
+        DataError, match=r"from another source \(digits\); --overwrite replaces only"
+    ):
+        prep("folder", out, source_path=folder, resolution=8, overwrite=True, progress=False)
+    prep("digits", out, resolution=8, channels=1, overwrite=True, progress=False)  # the same: fine
+    assert checksums_of(out) == before
+    cfg = load_config(
+        DIGITS, [f"data.path={out}", "data.source=folder", f"data.source_path={folder}"]
+    )
+    with pytest.raises(DataError, match=r"prepared from 'digits', not from data.source='folder'"):
+        ensure_shards(cfg.data)
+    assert checksums_of(out) == before

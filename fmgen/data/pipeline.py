@@ -61,6 +61,13 @@ def ensure_shards(cfg: DataConfig) -> Path:
     """Prepare the shards named by the config if their manifest is missing; return the folder."""
     folder = Path(cfg.path)
     if (folder / "manifest.json").is_file():
+        kind = read_manifest(folder).source.get("kind")
+        if cfg.source in SOURCES and kind != cfg.source:  # digits, folder or hf asked for
+            raise DataError(
+                f"data.path={cfg.path!r} holds shards prepared from {kind!r}, not from "
+                f"data.source={cfg.source!r}; set data.source=shards to train on them, or point "
+                f"data.path at a new folder to prepare {cfg.source!r} into"
+            )
         return folder
     foreign = _foreign_shards(folder)
     if foreign:  # a user's shards: read them as they are, never prepare over them

@@ -227,11 +227,18 @@ class Skipped:
     reason: str = ""
 
 
-def _files_to_replace(out: Path, overwrite: bool) -> list[Path]:
+def _same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("kind", "path"))
+
+
+def _files_to_replace(
+    out: Path, overwrite: bool, source: dict[str, Any] | None = None
+) -> list[Path]:
     """The files of an earlier ``write_shards`` into ``out``: its manifest and the shards it lists.
 
     fmgen never deletes or overwrites a file it did not write: a folder that holds anything but
-    a manifest of fmgen's and its shards (fmgen's caches aside) is refused.
+    a manifest of fmgen's and its shards (fmgen's caches aside) is refused, and so are shards
+    fmgen prepared from another source (``source``: its kind and path differ).
     """
     manifest = out / MANIFEST
     listed: list[Path] = []
@@ -247,6 +254,12 @@ def _files_to_replace(out: Path, overwrite: bool) -> list[Path]:
             raise DataError(
                 f"{out} already holds prepared shards ({MANIFEST}); pass overwrite=True "
                 f"(--overwrite) or choose another --out"
+            )
+        if source is not None and not _same_source(m.source, source):
+            was = " ".join(str(m.source.get(k, "")) for k in ("kind", "path")).strip()
+            raise DataError(
+                f"{out} holds shards fmgen prepared from another source ({was}); --overwrite "
+                f"replaces only shards of the same source: choose another --out"
             )
         listed = [manifest, *(out / s.name for s in m.shards)]
     ours = {p.name for p in listed} | {"fid-cache"}
@@ -381,7 +394,7 @@ def write_shards(
     if samples_per_shard < 1 or max_shard_bytes < 1:
         raise DataError("samples per shard and max shard size must be positive")
     out.mkdir(parents=True, exist_ok=True)
-    old = _files_to_replace(out, overwrite)  # refused now, before any work
+    old = _files_to_replace(out, overwrite, source)  # refused now, before any work
     stale = re.compile(rf"\.{re.escape(prefix)}-\d{{6}}\.tar\.tmp")
     for p in out.iterdir():  # left by an interrupted write: fmgen's by their name
         if stale.fullmatch(p.name):
