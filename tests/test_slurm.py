@@ -149,6 +149,7 @@ from accelerate import Accelerator
 acc = Accelerator()
 total = acc.reduce(torch.tensor([1.0]), "sum").item()
 print(f"probe rank={acc.process_index} world={acc.num_processes} type={acc.distributed_type.value} sum={total:g}")
+acc.end_training()  # closes the process group: a gloo group open at exit may abort the process
 """
 
 

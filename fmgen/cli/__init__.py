@@ -22,13 +22,31 @@ from fmgen.core import FINAL_STEPS, SAMPLERS, SAMPLING_GRIDS, SamplingSpec
 def run_guarded(fn: Callable[[], int]) -> int:
     """Run a command; an FmgenError becomes ``error: MESSAGE`` on stderr and exit status 2."""
     try:
-        return fn()
+        rc = fn()
     except FmgenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    _leave_process_group()
+    return rc
+
+
+def _leave_process_group() -> None:
+    """Close torchrun's process group after a command that succeeded.
+
+    A gloo group left open at interpreter exit can abort the process ("terminate called without
+    an active exception", exit -6) when its peer closes first, so a finished multi-node job
+    would be reported failed. Only on success: after an error a peer may be gone, and the exit
+    status already says what happened.
+    """
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def device_from_arg(text: str | None) -> Any:
