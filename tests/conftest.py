@@ -77,3 +77,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def export_tiny(run_dir: Path, *extra: str, seed: int = 0, class_names: int = 10) -> Path:
+    """An export of a freshly initialised tiny model (no training): RUN_DIR/export.
+
+    A random U-Net is a non-trivial velocity field, which is all the sampling comparisons need;
+    ``extra`` are config overrides (path, prediction type, conditioning, backbone).
+    """
+    import torch
+
+    from fmgen.config import load_config
+    from fmgen.models import IdentityAutoencoder, build_conditioning, build_model, export_model
+
+    cfg = load_config(DIGITS, [*TINY, f"train.run_dir={run_dir}", *extra])
+    torch.manual_seed(seed)
+    model = build_model(cfg, build_conditioning(cfg, class_names))
+    out = run_dir / "export"
+    export_model(model, cfg, out, autoencoder=IdentityAutoencoder(),
+                 class_names=[f"digit {i}" for i in range(class_names)], step=0)  # fmt: skip
+    return out

@@ -17,6 +17,8 @@ Layout of a run directory::
     RUN_DIR/export/backbone/            diffusers save_pretrained of the EMA backbone
     RUN_DIR/export/fmgen.json           backbone type and class, prediction type, conditioning,
                                         autoencoder stage, path, classes, config
+    RUN_DIR/export/model_index.json     the diffusers pipeline index (fmgen.pipeline.FlowPipeline)
+    RUN_DIR/export/scheduler/           the stock diffusers scheduler of fmgen's Euler steps
     RUN_DIR/export/fmgen_manifest.json  checksums of the export
 
 No file is a pickle: unpickling (torch's and pickle's loaders) runs code from the file, so a shared
@@ -44,14 +46,16 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
+from torch import nn
 
 from fmgen.base import FmgenError
 from fmgen.config import Config, ConfigError, config_from_dict, make_path, to_dict
 from fmgen.core.paths import GaussianPath
 from fmgen.models.autoencoder import Autoencoder, autoencoder_from_dict, build_autoencoder
-from fmgen.models.backbones import get_backbone
+from fmgen.models.backbones import BackboneSpec, get_backbone
 from fmgen.models.conditioning import conditioning_from_dict
 from fmgen.models.flow import FlowModel, build_conditioning, build_model, describe_model
+from fmgen.models.pipeline_files import write_pipeline_files
 
 log = logging.getLogger("fmgen.models")
 
@@ -435,7 +439,8 @@ def export_model(
 ) -> None:  # fmt: skip
     """diffusers ``save_pretrained`` of the backbone plus what rebuilds the model around it.
 
-    Written into a hidden sibling folder with a manifest and swapped in by rename, so an
+    fmgen.json holds fmgen's own metadata; model_index.json and scheduler/ make the folder a
+    diffusers pipeline (``fmgen.pipeline.FlowPipeline.from_pretrained``). Written into a hidden sibling folder with a manifest and swapped in by rename, so an
     interrupted export never leaves the weights of one step beside the metadata of another.
     """
     meta = {
@@ -458,6 +463,7 @@ def export_model(
         tmp.mkdir(parents=True)
         model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
         write_durable(tmp / "fmgen.json", json.dumps(meta, indent=2))
+        write_pipeline_files(tmp, model.backbone)
         write_manifest(tmp)
         swap_in(tmp, out_dir)
     except (OSError, RuntimeError, SafetensorError) as e:
@@ -465,7 +471,8 @@ def export_model(
         raise write_error(e, "the export", out_dir, needed) from None
 
 
-def _load_export(src: Path, device: str | torch.device) -> LoadedModel:
+def read_export(src: Path) -> dict[str, Any]:
+    """fmgen.json of an export folder, after its manifest verifies and its format matches."""
     if (src / MANIFEST).is_file():
         verify_folder(src, ("fmgen.json",))
     else:
@@ -478,23 +485,47 @@ def _load_export(src: Path, device: str | torch.device) -> LoadedModel:
             f"{src}: export format {found!r}, this fmgen reads {EXPORT_FORMAT!r}; "
             f"export the model again from its checkpoint"
         )
-    cfg = _config_of(meta["config"], src, src.parent)
+    return meta
+
+
+def export_backbone_spec(src: Path, meta: dict[str, Any]) -> BackboneSpec:
+    """The registry entry of an export's backbone; refused if it now names another class."""
     spec = get_backbone(meta["backbone"]["type"])
     if spec.class_name != meta["backbone"]["class"]:
         raise CheckpointError(
             f"{src}: the backbone was saved as {meta['backbone']['class']}, but model.type "
             f"{spec.name!r} is now {spec.class_name}; register the backbone it was trained with"
         )
+    return spec
+
+
+def assemble_export(src: Path, meta: dict[str, Any], backbone: nn.Module,
+                    device: str | torch.device | None = None) -> LoadedModel:  # fmt: skip
+    """The model of an export around its loaded backbone (by fmgen or by diffusers' pipeline
+    loader): the FlowModel of fmgen.json's prediction type, conditioning and sample shape."""
+    cfg = _config_of(meta["config"], src, src.parent)
+    spec = export_backbone_spec(src, meta)
+    if type(backbone) is not spec.module_class:
+        raise CheckpointError(
+            f"{src}: the backbone loaded as {type(backbone).__qualname__}, but fmgen.json says "
+            f"{spec.class_name}; export the model again (model_index.json and fmgen.json disagree)"
+        )
+    model = FlowModel(backbone, spec, prediction_type=meta["prediction_type"],
+                      conditioning=conditioning_from_dict(meta["conditioning"]),
+                      sample_shape=tuple(meta["sample_shape"]))  # fmt: skip
+    model = model.eval() if device is None else model.to(device).eval()
+    return LoadedModel(model, make_path(cfg), autoencoder_from_dict(meta["autoencoder"]), cfg,
+                       meta["class_names"], meta["step"], "ema", str(src))  # fmt: skip
+
+
+def _load_export(src: Path, device: str | torch.device) -> LoadedModel:
+    meta = read_export(src)
+    spec = export_backbone_spec(src, meta)
     try:  # safetensors only: diffusers would otherwise fall back to a .bin file (a pickle)
         backbone = spec.module_class.from_pretrained(src / "backbone", use_safetensors=True)
     except (OSError, ValueError, SafetensorError) as e:
         raise CheckpointError(f"{src}: the backbone does not load ({' '.join(str(e).split())})") from None  # fmt: skip
-    model = FlowModel(backbone, spec, prediction_type=meta["prediction_type"],
-                      conditioning=conditioning_from_dict(meta["conditioning"]),
-                      sample_shape=tuple(meta["sample_shape"]))  # fmt: skip
-    return LoadedModel(model.to(device).eval(), make_path(cfg),
-                       autoencoder_from_dict(meta["autoencoder"]), cfg, meta["class_names"],
-                       meta["step"], "ema", str(src))  # fmt: skip
+    return assemble_export(src, meta, backbone, device)
 
 
 def _config_of(tree: dict, where: Path, run_folder: Path) -> Config:
