@@ -4,7 +4,8 @@ Time convention, everywhere: t = 0 is noise, t = 1 is data (see ``fmgen.core.pat
 
 The library API of the math is re-exported here (``from fmgen import get_path, Oracle, ...``).
 Layers, each importing only those below it (checked by import-linter in CI):
-``core`` < ``base``, ``config`` < ``models`` < ``data`` < ``eval`` < ``train`` < ``cli``.
+``core`` < ``base``, ``config`` < ``models`` < ``data`` < ``eval`` < ``pipeline`` < ``train``
+< ``cli``.
 """
 
 from fmgen import core
