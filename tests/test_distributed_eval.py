@@ -55,6 +55,14 @@ def test_generate_is_the_same_for_any_split_of_the_indices(tiny_run, sampler):
     assert not torch.allclose(whole, other, atol=1e-3)  # the seed matters
 
 
+def test_any_seed_draws_noise():
+    """Seeds past torch's 64-bit range once the block index is mixed in (sample.py --seed)."""
+    big = block_noise(10**13 * 2, 0, 3, (1, 2, 2))
+    assert big.shape == (3, 1, 2, 2) and not torch.equal(big, block_noise(0, 0, 3, (1, 2, 2)))
+    assert torch.equal(big[1:], block_noise(10**13 * 2, 1, 2, (1, 2, 2)))
+    assert sde_noise(2**80, 0, 2)(torch.zeros(2, 3)).shape == (2, 3)
+
+
 def test_sde_increments_are_per_sample_and_apart_from_the_initial_noise():
     shape = (1, 8, 8)
     x = torch.zeros(8, *shape)

@@ -111,7 +111,8 @@ def block_noise(seed: int, start: int, count: int, shape: tuple[int, ...]) -> Te
     out = []
     first, last = start // NOISE_BLOCK, (start + count - 1) // NOISE_BLOCK
     for b in range(first, last + 1):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        # reduced to torch's 64-bit seed range (any --seed works); unchanged below ~1.8e13
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + b) % 2**64)
         block = torch.randn((NOISE_BLOCK, *shape), generator=gen)
         lo = max(start, b * NOISE_BLOCK) - b * NOISE_BLOCK
         hi = min(start + count, (b + 1) * NOISE_BLOCK) - b * NOISE_BLOCK
