@@ -115,6 +115,7 @@ def _torchscript_network(
         net = torch.jit.load(path, map_location="cpu")
     except (RuntimeError, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first.split(". ")[0]  # torch's guesses about corrupted checkpoints follow
         raise EvalError(f"{what} is not a TorchScript archive (save one with torch.jit.save of "
                         f"torch.jit.script(net)): {first}") from None  # fmt: skip
     dim, trained_on = _probe(net, what=what, channels=channels, resolution=resolution)
