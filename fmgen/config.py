@@ -167,6 +167,9 @@ class TrainConfig:
 class SampleConfig:
     sampler: str = "heun"  # euler | heun | rk4 | sde | midpoint | dpm++2m
     steps: int = 20
+    # classifier-free guidance w of u_null + w (u_cond - u_null): 0 = the unconditional model
+    # alone, 1 = the conditional model alone (no guidance), > 1 extrapolates away from the
+    # unconditional prediction (stronger class adherence, less diversity)
     guidance: float = 2.0
     per_class: int = 8  # grid rows are classes
     sde_sigma: float = 0.5  # sigma_t = sde_sigma * beta_t
@@ -185,7 +188,11 @@ class SampleConfig:
 class EvalConfig:
     fid_every_images: int = 0  # 0: no FID during training
     fid_num_samples: int = 1000
-    feature_network: str = "inception"  # a name of fmgen.eval.FEATURE_NETWORKS
+    # inception | digits-classifier | dinov2:FOLDER | module:FILE.py:FACTORY | torchscript:FILE.pt
+    feature_network: str = "inception"
+    feature_network_path: str = ""  # the FOLDER / FILE of dinov2, module, torchscript instead
+    force_feature_network: bool = False  # score with a network trained on another data set
+    precision_recall_k: int = 3  # k of the k-NN precision/recall beside FID (0 = none)
     inception_weights: str = ""  # local weights file for clusters without internet
     report: str = ""  # end-of-training report, a name of fmgen.eval.REPORTS ("" = none)
     report_samples: int = 500
@@ -441,6 +448,7 @@ def validate(cfg: Config) -> None:
         "eval.fid_every_images",
         "sample.guidance",
         "sample.sde_sigma",
+        "eval.precision_recall_k",
         "train.max_nonfinite_steps",
         "train.seed",
         "data.shuffle_buffer",

@@ -7,8 +7,10 @@ usage line and one ``error:`` line). ``pytest -s`` prints input | message for ev
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import DIGITS
+from PIL import Image
 
 from fmgen.cli.evaluate import main as eval_main
 from fmgen.cli.index import main as index_main
@@ -19,6 +21,7 @@ from fmgen.cli.train import main as train_main
 COMMANDS = {"train": train_main, "sample": sample_main, "eval": eval_main, "prepare": prepare_main,
             "index": index_main}  # fmt: skip
 CFG = ["--dry-run", "--config", str(DIGITS)]  # checked like a real start, nothing trained
+IMGS = ["--images", "{tmp}/imgs", "--data", "{shards}"]  # three 8x8 images, digits' shape
 RUN = ["--config", str(DIGITS), "train.run_dir={tmp}/run", "eval.report=", "logging.wandb=false"]
 
 CASES = [
@@ -50,6 +53,8 @@ CASES = [
     ("train", [*CFG, "loss.scale=0"], "loss.scale"),
     ("train", [*CFG, "path.b0=-1"], "path.b0"),
     ("train", [*CFG, "eval.feature_network=clip"], "eval.feature_network"),
+    ("train", [*CFG, "eval.feature_network=dinov2"], "eval.feature_network_path"),
+    ("train", [*CFG, "eval.precision_recall_k=-1"], "eval.precision_recall_k"),
     ("train", [*CFG, "eval.report=imagenet"], "eval.report"),
     ("train", [*CFG, "eval.fid_num_samples=0"], "eval.fid_num_samples"),
     ("train", [*CFG, "eval.fid_every_images=1000", "eval.fid_num_samples=100"], "eval.fid_num_samples"),
@@ -94,6 +99,16 @@ CASES = [
     ("eval", ["--checkpoint", "{run}", "--steps", "0"], "--steps"),
     ("eval", ["--checkpoint", "{run}", "--seed", "-2"], "--seed"),
     ("eval", ["--checkpoint", "{run}", "--feature-network", "clip"], "--feature-network"),
+    ("eval", ["--checkpoint", "{run}", "--precision-recall-k", "-1"], "--precision-recall-k"),
+    ("eval", [*IMGS, "--feature-network", "clip"], "--feature-network"),
+    ("eval", [*IMGS, "--feature-network", "dinov2"], "--feature-network-path"),
+    ("eval", [*IMGS, "--feature-network", "dinov2:{tmp}/nothing"], "does not exist"),
+    ("eval", [*IMGS, "--feature-network", "dinov2:{tmp}"], "config.json"),
+    ("eval", [*IMGS, "--feature-network", "module:{tmp}/nothing.py:make"], "does not exist"),
+    ("eval", [*IMGS, "--feature-network", "module:{tmp}/nofactory.py:make"], "no function make"),
+    ("eval", [*IMGS, "--feature-network", "module:{tmp}/wrong.py:make"], "(B, D)"),
+    ("eval", [*IMGS, "--feature-network", "{tmp}/junk.pt"], "not a TorchScript archive"),
+    ("eval", [*IMGS, "--feature-network-path", "{tmp}"], "needs none"),
     ("prepare", ["--source", "folder", "--out", "{tmp}/p"], "--source-path"),
     ("prepare", ["--source", "folder", "--source-path", "{tmp}/nothing", "--out", "{tmp}/p"], "does not exist"),
     ("prepare", ["--resolution", "0", "--out", "{tmp}/p"], "resolution"),
@@ -117,6 +132,16 @@ def test_bad_input_is_one_clear_line(command, argv, needle, tiny_run, shards, tm
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "train-000000.tar").write_bytes(b"somebody's shard")
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 80 * i, dtype=np.uint8)).save(
+            tmp_path / "imgs" / f"{i}.png"
+        )
+    (tmp_path / "nofactory.py").write_text("import torch\n")
+    (tmp_path / "wrong.py").write_text(
+        "import torch\n\ndef make():\n    return torch.nn.Identity()\n"
+    )
+    (tmp_path / "junk.pt").write_bytes(b"not an archive")
     where = {"run": tiny_run.run_dir, "export": tiny_run.export_dir, "shards": shards,
              "tmp": tmp_path, "foreign": foreign}  # fmt: skip
     args = [a.format(**where) for a in argv]

@@ -13,8 +13,8 @@ import torch
 from conftest import ROOT, subprocess_env
 
 from fmgen.core import SamplingSpec
-from fmgen.eval.fid import fid_block_size, rank_blocks
 from fmgen.eval.generate import block_noise, generate, sde_noise, sde_seed
+from fmgen.eval.protocol import fid_block_size, rank_blocks
 from fmgen.models import load_model
 
 
@@ -146,6 +146,7 @@ def test_three_processes_give_the_fid_of_one(tiny_run, one_process, tmp_path, sa
     assert one["num_generated"] == three["num_generated"] == num
     assert one["images_sha256"] == three["images_sha256"]
     assert three["fid"] == pytest.approx(one["fid"], rel=1e-12, abs=0)
+    assert (three["precision"], three["recall"]) == (one["precision"], one["recall"])
     assert one["sampling"]["sampler"] == sampler
 
 

@@ -19,13 +19,14 @@ from PIL import Image
 import fmgen.data
 import fmgen.data.pipeline
 import fmgen.eval.fid as ev
+import fmgen.eval.protocol as protocol
 from fmgen.eval.digits import real_digits, split_indices, train_digits_classifier
-from fmgen.eval.features import EvalError
+from fmgen.eval.features import EvalError, feature_spec
 
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory):
-    return ev.feature_spec(
+    return feature_spec(
         "digits-classifier", resolution=8, channels=1, cache_dir=tmp_path_factory.mktemp("clf")
     )
 
@@ -72,7 +73,7 @@ def test_inception_weights_path_reaches_torchmetrics(monkeypatch, tmp_path):
     weights = tmp_path / "pt_inception.pth"
     weights.write_bytes(b"not real weights")
     monkeypatch.setattr(ev, "FrechetInceptionDistance", Recorder)
-    spec = ev.feature_spec("inception", resolution=32, channels=3, inception_weights=str(weights))
+    spec = feature_spec("inception", resolution=32, channels=3, inception_weights=str(weights))
     ev.make_metric(spec, str(weights))
     assert seen["feature_extractor_weights_path"] == str(weights)
     assert (
@@ -235,7 +236,7 @@ def test_fid_refuses_images_of_another_shape_than_the_data(shards, spec, tmp_pat
     for i in range(3):
         Image.fromarray(np.full((32, 32), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
     with pytest.raises(EvalError, match=r"1x32x32 .* 1x8x8"):
-        ev.fid_of_folder(folder, data_dir=shards, feature_network="digits-classifier")
+        protocol.fid_of_folder(folder, data_dir=shards, feature_network="digits-classifier")
 
 
 def test_evaluate_cli_refuses_too_few_and_no_samples(tiny_run):
@@ -250,5 +251,5 @@ def test_evaluate_cli_refuses_too_few_and_no_samples(tiny_run):
     loaded = load_model(tiny_run.run_dir)
     for num in (0, -5):  # refused before any sampling
         with pytest.raises(EvalError, match=rf"must be > 0; got {num}"):
-            ev.fid_of_model(loaded.model, loaded.path, loaded.config, step=0, weights="ema",
+            protocol.fid_of_model(loaded.model, loaded.path, loaded.config, step=0, weights="ema",
                             num_samples=num)  # fmt: skip

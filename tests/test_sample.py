@@ -14,6 +14,7 @@ from PIL import Image
 from fmgen.cli.sample import sample_command
 from fmgen.core import SamplingSpec, grids, samplers
 from fmgen.eval.generate import block_noise, generate, model_field
+from fmgen.eval.images import GRID_GAP, GRID_GAP_VALUE
 from fmgen.models import load_model
 
 
@@ -35,8 +36,8 @@ def test_sample_py_writes_grid_and_npz_of_requested_shape(tiny_run, tmp_path):
     assert np.array_equal(data["labels"], np.repeat(np.arange(10), 3))
     img = Image.open(grid)
     cell = 8 * (64 // 8)  # 8x8 images upscaled x8 in the grid
-    assert img.height == 10 * cell  # one row per class
-    assert img.width >= 3 * cell  # three per row, plus the class-label margin
+    assert img.height == 10 * cell + 9 * GRID_GAP  # one row per class, gaps between rows
+    assert img.width >= 3 * cell + 2 * GRID_GAP  # three per row, plus the class-label margin
     pngs = tmp_path / "p"
     r = run_sample("--checkpoint", str(tiny_run.run_dir), "--labels", "3,3,7", "--steps", "2",
                    "--out", str(tmp_path / "g2.png"), "--out-dir", str(pngs))  # fmt: skip
@@ -46,6 +47,31 @@ def test_sample_py_writes_grid_and_npz_of_requested_shape(tiny_run, tmp_path):
         "000001_class3.png",
         "000002_class7.png",
     ]
+
+
+def test_grid_holds_every_sample_up_to_grid_max_with_gaps(tiny_run, tmp_path):
+    """300 samples (30 per class, more than one noise block of 256), --grid-max 400: 10 rows of
+    30 cells, each cell the sample of its index, mid-gray gaps between them."""
+    grid, pngs = tmp_path / "g.png", tmp_path / "p"
+    r = run_sample("--checkpoint", str(tiny_run.run_dir), "--per-class", "30", "--steps", "2",
+                   "--grid-max", "400", "--out", str(grid), "--out-dir", str(pngs))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "(300 images" in r.stdout, r.stdout
+    img = np.asarray(Image.open(grid))  # (H, W) gray
+    cell, step = 64, 64 + GRID_GAP  # 8x8 upscaled x8, then the gap
+    assert img.shape[0] == 10 * cell + 9 * GRID_GAP
+    left = img.shape[1] - (30 * cell + 29 * GRID_GAP)  # the class-label margin
+    assert 0 < left < 64
+    files = sorted(pngs.iterdir())
+    assert len(files) == 300
+    for i, f in enumerate(files):
+        r_, k = divmod(i, 30)
+        y, x = r_ * step, left + k * step
+        want = np.asarray(Image.open(f)).repeat(8, axis=0).repeat(8, axis=1)
+        assert np.array_equal(img[y : y + cell, x : x + cell], want), f.name
+    gaps = np.concatenate([img[r_ * step - GRID_GAP : r_ * step, left:].ravel() for r_ in range(1, 10)]
+                          + [img[:, left + k * step - GRID_GAP : left + k * step].ravel() for k in range(1, 30)])  # fmt: skip
+    assert (gaps == GRID_GAP_VALUE).all()
 
 
 def test_same_seed_same_images(tiny_run):
@@ -184,3 +210,6 @@ def test_two_processes_split_samples_without_duplicates(tiny_run, tmp_path):
     )
     assert a.shape == b.shape == (600, 8, 8, 1) and np.array_equal(a, b)
     assert len({x.tobytes() for x in a}) == 600
+    # the grids (400 cells: blocks of both processes) are the same picture
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png")),
+                          np.asarray(Image.open(tmp_path / "two.png")))  # fmt: skip

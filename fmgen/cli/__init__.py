@@ -122,8 +122,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance scale: 1 = the conditional model alone (no guidance), "
-        "0 = the unconditional model, > 1 = stronger class adherence",
+        help="classifier-free guidance w of u_null + w (u_cond - u_null): 0 = the unconditional "
+        "model alone, 1 = the conditional model alone (no guidance), > 1 extrapolates away from "
+        "the unconditional prediction (stronger class adherence, less diversity); default: the "
+        "checkpoint config's sample.guidance",
     )
     g.add_argument(
         "--sde-sigma", type=float, default=None, help="SDE noise scale: sigma_t = s * beta_t"

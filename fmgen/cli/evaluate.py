@@ -1,4 +1,5 @@
-"""``python -m fmgen.evaluate`` / ``fmgen eval``: FID of a checkpoint's samples or of an image folder."""
+"""``python -m fmgen.evaluate`` / ``fmgen eval``: FID and precision/recall of a checkpoint's
+samples or of an image folder."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ from pathlib import Path
 
 from fmgen.base import FmgenError, setup_logging
 from fmgen.cli import add_sampling_args, device_from_arg, non_negative, run_guarded, spec_from_args
-from fmgen.eval import FEATURE_NETWORKS
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fmgen.evaluate",
-        description="FID of a checkpoint's samples, or of a folder of images, against cached statistics "
-        "of all real images of a shard folder. Writes a JSON protocol record beside the number.",
+        description="FID and precision/recall of a checkpoint's samples, or of a folder of images, "
+        "against cached statistics of all real images of a shard folder. Writes a JSON protocol "
+        "record beside the numbers.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run folder, checkpoint folder or exported model")
@@ -30,7 +31,30 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="generated samples (default: eval.fid_num_samples)",
     )
-    p.add_argument("--feature-network", choices=tuple(FEATURE_NETWORKS), default=None)
+    p.add_argument(
+        "--feature-network",
+        default=None,
+        help="inception, digits-classifier, dinov2:FOLDER (a local transformers Dinov2Model), "
+        "module:FILE.py:FACTORY (FACTORY() returns a torch module of images in [-1, 1] to (B, D) "
+        "features) or torchscript:FILE.pt (default: the checkpoint config's "
+        "eval.feature_network; inception for --images)",
+    )
+    p.add_argument(
+        "--feature-network-path",
+        default=None,
+        help="the FOLDER or FILE of dinov2, module or torchscript, when not in the name",
+    )
+    p.add_argument(
+        "--force-feature-network",
+        action="store_true",
+        help="score even with a network trained on another data set than the reference data",
+    )
+    p.add_argument(
+        "--precision-recall-k",
+        type=int,
+        default=None,
+        help="k of the k-NN precision/recall (default: eval.precision_recall_k, 3; 0 = none)",
+    )
     p.add_argument(
         "--inception-weights", default="", help="local Inception weights file (offline clusters)"
     )
@@ -49,17 +73,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
 
     def go() -> int:
-        from fmgen.eval.fid import fid_of_folder, fid_of_model
+        from fmgen.eval.features import CLI_FLAGS, parse_feature_network
+        from fmgen.eval.protocol import fid_of_folder, fid_of_model
 
         out = Path(args.out) if args.out else None
         non_negative(args.seed, "--seed")
+        if args.precision_recall_k is not None:
+            non_negative(args.precision_recall_k, "--precision-recall-k")
         device = device_from_arg(args.device)
+        if args.feature_network or args.feature_network_path:  # a bad name fails before loading
+            parse_feature_network(args.feature_network or "inception",
+                                  args.feature_network_path or "", flags=CLI_FLAGS)  # fmt: skip
         if args.images:
             if not args.data:
                 raise FmgenError("--images needs --data (the shard folder of the real images)")
+            k = 3 if args.precision_recall_k is None else args.precision_recall_k
             record = fid_of_folder(Path(args.images), data_dir=Path(args.data), out=out,
                                    feature_network=args.feature_network or "inception",
-                                   inception_weights=args.inception_weights)  # fmt: skip
+                                   feature_network_path=args.feature_network_path or "",
+                                   inception_weights=args.inception_weights, pr_k=k,
+                                   force=args.force_feature_network, device=device)  # fmt: skip
         else:
             import torch
             from accelerate import Accelerator
@@ -74,17 +107,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cfg.data.path = args.data
             if args.feature_network:
                 cfg.eval.feature_network = args.feature_network
+                cfg.eval.feature_network_path = ""  # the saved path belongs to the saved name
+            if args.feature_network_path:
+                cfg.eval.feature_network_path = args.feature_network_path
+            if args.force_feature_network:
+                cfg.eval.force_feature_network = True
+            if args.precision_recall_k is not None:
+                cfg.eval.precision_recall_k = args.precision_recall_k
             if args.inception_weights:
                 cfg.eval.inception_weights = args.inception_weights
             spec = spec_from_args(sampling_spec(cfg), args)
-            default_out = Path(loaded.source) / f"fid-{cfg.eval.feature_network}.json"
+            kind = parse_feature_network(cfg.eval.feature_network, cfg.eval.feature_network_path,
+                                         flags=CLI_FLAGS).kind  # fmt: skip
+            default_out = Path(loaded.source) / f"fid-{kind}.json"
             record = fid_of_model(loaded.model, loaded.path, cfg, step=loaded.step, weights=loaded.weights,
                                   spec=spec, autoencoder=loaded.autoencoder, accelerator=acc,
                                   num_samples=args.num_samples, out=out or default_out, seed=args.seed)  # fmt: skip
             if not acc.is_main_process:
                 return 0
-        print(f"FID {record['fid']:.4f} ({record['num_generated']} generated vs {record['num_reference']} reference, "
-              f"{record['feature_network']} features); record: {record['record']}")  # fmt: skip
+        pr = (f", precision {record['precision']:.4f}, recall {record['recall']:.4f} "
+              f"(k={record['precision_recall']['k']})" if record["precision"] is not None else "")  # fmt: skip
+        print(f"FID {record['fid']:.4f}{pr} ({record['num_generated']} generated vs {record['num_reference']} "
+              f"reference, {record['feature_network']} features); record: {record['record']}")  # fmt: skip
         return 0
 
     return run_guarded(go)

@@ -73,3 +73,31 @@ def reference_images(
     return ReferenceImages(str(folder), (m.channels, m.resolution, m.resolution),
                            file_hash(folder / MANIFEST), folder / "fid-cache", m.num_classes,
                            loader)  # fmt: skip
+
+
+def data_set_name(data: Path | DataConfig) -> str | None:
+    """Which data set the images of a shard folder or data config are, for feature networks
+    trained on one: ``digits`` (fmgen's prepare of scikit-learn's digits: the manifest's source
+    kind), the name or path given to an ``hf`` source, ``folder:PATH`` for an image folder; None
+    when nothing says (WebDataset shards fmgen did not prepare).
+
+    A data config whose shards are not prepared yet is named from its ``data.source``.
+    """
+    if isinstance(data, DataConfig):
+        if data.source == "webdataset":
+            return None
+        if not (Path(data.path) / MANIFEST).is_file():
+            return _source_name({"kind": data.source, "path": data.source_path})
+        data = Path(data.path)
+    return _source_name(read_manifest(data).source)
+
+
+def _source_name(source: dict[str, object]) -> str | None:
+    kind, path = source.get("kind"), source.get("path")
+    if kind == "digits":
+        return "digits"
+    if kind == "hf" and path:
+        return str(path)
+    if kind == "folder" and path:
+        return f"folder:{path}"
+    return None

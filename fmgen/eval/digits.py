@@ -10,7 +10,6 @@ Inception network would be both unavailable offline and meaningless at 16x16.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,13 @@ from torch.nn import functional as F
 
 from fmgen.config import Config, sampling_spec
 from fmgen.data import digits_images
-from fmgen.eval.features import FeatureSpec, read_cache, register_feature_network, write_cache
+from fmgen.eval.features import (
+    FeatureSpec,
+    read_cache,
+    register_feature_network,
+    weights_hash,
+    write_cache,
+)
 from fmgen.eval.fid import fids_against
 from fmgen.eval.generate import generate
 from fmgen.models.autoencoder import Autoencoder
@@ -82,14 +87,6 @@ class TrainedClassifier:
     model: DigitsClassifier
     heldout_accuracy: float
     weights_hash: str
-
-
-def weights_hash(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def split_indices(
@@ -190,7 +187,7 @@ def digits_spec(clf: TrainedClassifier, channels: int) -> FeatureSpec:
     """The FID feature spec of a trained digits classifier."""
     return FeatureSpec(
         "digits-classifier", FeatureNet(clf.model), clf.weights_hash, "none (native resolution)",
-        channels,
+        channels, trained_on="digits",
     )  # fmt: skip
 
 
@@ -200,7 +197,11 @@ def _digits_feature_network(
     return digits_spec(train_digits_classifier(resolution, channels, cache_dir=cache_dir), channels)
 
 
-register_feature_network("digits-classifier", _digits_feature_network, dim=FEATURE_DIM)
+# trained on scikit-learn's digits: refused for other data unless forced (its features do not
+# describe, say, clothes)
+register_feature_network(
+    "digits-classifier", _digits_feature_network, dim=FEATURE_DIM, trained_on="digits"
+)
 
 
 def digits_report(

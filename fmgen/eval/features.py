@@ -1,12 +1,16 @@
-"""Feature networks for FID: a registry of builders, each giving a ``FeatureSpec``.
+"""Feature networks for FID and precision/recall: a registry of builders, each giving a ``FeatureSpec``.
 
-``inception`` is torchmetrics' InceptionV3 (the ``fid`` extra: torch-fidelity, and its weights,
-``--inception-weights PATH`` offline); other networks register themselves here
-(``digits-classifier`` in ``fmgen.eval.digits``).
+Built in: ``inception`` (torchmetrics' InceptionV3: the ``fid`` extra, i.e. torch-fidelity, and
+its weights, ``--inception-weights PATH`` offline), ``digits-classifier`` (``fmgen.eval.digits``;
+trained on digits, refused on other data unless forced). Networks read from a file or folder
+(``fmgen.eval.networks``): ``dinov2`` (a local ``transformers`` folder), ``module:FILE.py:FACTORY``
+and ``torchscript:FILE.pt`` (or a bare ``FILE.pt``). Such a network is named ``KIND:PATH`` or by
+its kind plus ``eval.feature_network_path`` / ``--feature-network-path``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -30,13 +35,19 @@ class EvalError(FmgenError):
 
 @dataclass
 class FeatureSpec:
-    """What turns images into features: the module (or Inception's feature size) and its identity."""
+    """What turns images into features: the module (or Inception's feature size) and its identity.
+
+    ``trained_on``: the data set the network was trained on, when it is specific to one (its
+    features mean nothing elsewhere); None for general networks (Inception, DINOv2).
+    """
 
     name: str
     feature: int | nn.Module
     weights_hash: str
     resize: str
     channels: int  # channels the network expects (gray images are repeated for Inception)
+    path: str = ""  # the file or folder the network was read from ("" for built-in ones)
+    trained_on: str | None = None
 
     @property
     def dim(self) -> int:
@@ -45,16 +56,81 @@ class FeatureSpec:
 
 
 FeatureBuilder = Callable[..., FeatureSpec]
-"""builder(*, resolution, channels, inception_weights, cache_dir) -> FeatureSpec."""
+"""builder(*, resolution, channels, inception_weights, cache_dir, path, device) -> FeatureSpec."""
 
 FEATURE_NETWORKS: dict[str, FeatureBuilder] = {}
 FEATURE_DIMS: dict[str, int] = {}  # known without building the network (checks before sampling)
+FEATURE_TRAINED_ON: dict[str, str] = {}  # the data set of a network, known without building it
+PATH_NETWORKS: dict[str, str] = {}  # networks read from a path -> what the path is, for messages
+
+CONFIG_FLAGS = ("eval.feature_network", "eval.feature_network_path")
+CLI_FLAGS = ("--feature-network", "--feature-network-path")
+FORCE_FIX = "--force-feature-network (eval.force_feature_network=true)"
 
 
-def register_feature_network(name: str, builder: FeatureBuilder, *, dim: int | None = None) -> None:
+def register_feature_network(
+    name: str, builder: FeatureBuilder, *, dim: int | None = None, trained_on: str | None = None,
+    path: str = "",
+) -> None:  # fmt: skip
+    """Register ``builder`` under ``name``; ``path`` (e.g. "a folder saved by save_pretrained")
+    makes it a network read from a path, named ``name:PATH`` or given the path separately."""
     FEATURE_NETWORKS[name] = builder
     if dim is not None:
         FEATURE_DIMS[name] = dim
+    if trained_on is not None:
+        FEATURE_TRAINED_ON[name] = trained_on
+    if path:
+        PATH_NETWORKS[name] = path
+
+
+@dataclass(frozen=True)
+class FeatureChoice:
+    """A feature network as the user named it: a registered kind and the path it reads."""
+
+    kind: str
+    path: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.path}" if self.path else self.kind
+
+
+def _valid_names() -> str:
+    return ", ".join(f"{k}:{PATH_NETWORKS[k].split(' ')[0]}" if k in PATH_NETWORKS else k
+                     for k in FEATURE_NETWORKS)  # fmt: skip
+
+
+def parse_feature_network(
+    name: str, path: str = "", *, flags: tuple[str, str] = CONFIG_FLAGS, check_path: bool = True
+) -> FeatureChoice:
+    """``inception``, ``dinov2:FOLDER``, ``module:FILE.py:FACTORY``, ``FILE.pt``, or a kind of
+    ``PATH_NETWORKS`` with ``path`` given separately -> the kind and its path.
+
+    Raises EvalError naming ``flags`` (the option and the path option, as the user wrote them)
+    for an unknown name, a path missing or not needed, or (``check_path``) a path that does not
+    exist.
+    """
+    flag, path_flag = flags
+    kind, _, inline = name.partition(":")
+    if kind not in PATH_NETWORKS and name.endswith(".pt"):
+        kind, inline = "torchscript", name  # a TorchScript file of the user's own
+    if kind not in FEATURE_NETWORKS or (inline and kind not in PATH_NETWORKS):
+        raise EvalError(f"{flag} {name!r} is not a feature network; valid: {_valid_names()}")
+    if inline and path and inline != path:
+        raise EvalError(f"{flag} {name!r} names a path and {path_flag} {path!r} another; give one")
+    path = inline or path
+    if kind not in PATH_NETWORKS:
+        if path:
+            raise EvalError(f"{path_flag} {path!r} is for networks read from a path "
+                            f"({', '.join(PATH_NETWORKS)}); {kind} needs none: drop it")  # fmt: skip
+        return FeatureChoice(kind)
+    if not path:
+        raise EvalError(f"{flag} {kind} needs {PATH_NETWORKS[kind]}: {flag} {kind}:PATH or "
+                        f"{path_flag} PATH")  # fmt: skip
+    file = path.rsplit(":", 1)[0] if kind == "module" else path
+    if check_path and not Path(file).exists():
+        raise EvalError(f"{flag} {kind}:{path}: {file} does not exist; give {PATH_NETWORKS[kind]}")
+    return FeatureChoice(kind, path)
 
 
 def check_fid_count(num: int, dim: int, network: str, *, what: str = "generated samples",
@@ -67,6 +143,30 @@ def check_fid_count(num: int, dim: int, network: str, *, what: str = "generated 
         )
 
 
+def same_data_set(trained_on: str, data: str | None) -> bool:
+    """Whether ``data`` (``fmgen.data.reference.data_set_name``) is the data set ``trained_on``;
+    a hub name matches with or without its owner (``zalando-datasets/fashion_mnist``)."""
+    if data is None:
+        return False
+    a, b = trained_on.strip().lower(), data.strip().lower()
+    return a == b or a.rsplit("/", 1)[-1] == b.rsplit("/", 1)[-1]
+
+
+def check_trained_on(
+    network: str, trained_on: str | None, data: str | None, *, where: str, force: bool
+) -> None:
+    """Refuse a network trained on one data set for the images of another, unless forced: its
+    features were never taught what matters in these images, so its FID is not a quality score."""
+    if trained_on is None or force or same_data_set(trained_on, data):
+        return
+    seen = f"data set {data!r}" if data else "images of unknown origin"
+    raise EvalError(
+        f"the {network} feature network was trained on {trained_on!r} but {where} holds {seen}; "
+        f"use a general network (inception, dinov2:FOLDER) or your own (module:FILE.py:FACTORY), "
+        f"or score anyway with {FORCE_FIX}"
+    )
+
+
 def feature_spec(
     name: str,
     *,
@@ -74,12 +174,19 @@ def feature_spec(
     channels: int,
     inception_weights: str = "",
     cache_dir: Path | None = None,
+    path: str = "",
+    device: str | torch.device | None = None,
+    flags: tuple[str, str] = CONFIG_FLAGS,
 ) -> FeatureSpec:
-    """Build the feature network registered under ``name``."""
-    if name not in FEATURE_NETWORKS:
-        raise EvalError(f"unknown feature network {name!r}; valid: {', '.join(FEATURE_NETWORKS)}")
-    return FEATURE_NETWORKS[name](resolution=resolution, channels=channels,
-                                  inception_weights=inception_weights, cache_dir=cache_dir)  # fmt: skip
+    """Build the feature network named ``name`` (see ``parse_feature_network``).
+
+    ``device``: where a network read from a path runs (default: the CPU); its features come
+    back on the device of the images.
+    """
+    choice = parse_feature_network(name, path, flags=flags)
+    return FEATURE_NETWORKS[choice.kind](resolution=resolution, channels=channels,
+                                         inception_weights=inception_weights, cache_dir=cache_dir,
+                                         path=choice.path, device=device)  # fmt: skip
 
 
 def inception_spec(*, inception_weights: str = "", **_: object) -> FeatureSpec:
@@ -92,6 +199,47 @@ def inception_spec(*, inception_weights: str = "", **_: object) -> FeatureSpec:
 
 
 register_feature_network("inception", inception_spec, dim=2048)
+
+
+def weights_hash(module: nn.Module) -> str:
+    """A hash of a module's tensors (names and values), whatever file they came from."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class NetworkFeatures(nn.Module):
+    """A network as torchmetrics' feature extractor: uint8 (B, C, H, W) -> float64 (B, D).
+
+    ``prepare`` maps the uint8 images to the network's input; by default floats in [-1, 1], the
+    range fmgen's models generate. Float64 out: torchmetrics casts its FID to the features'
+    dtype, and a float32 FID keeps 7 digits.
+    """
+
+    def __init__(
+        self, net: nn.Module, num_features: int, *, device: str | torch.device | None = None,
+        prepare: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        # a plain attribute, not a submodule: torchmetrics' set_dtype(float64) casts every
+        # submodule, which would run a float32 network in float64 (another network than the
+        # one the user wrote, and slow on GPUs); the network keeps its dtype and device
+        self.__dict__["net"] = net.eval().to(device or "cpu")
+        self.num_features = num_features
+        self.device = torch.device(device or "cpu")
+        floats = [p.dtype for p in net.parameters() if p.is_floating_point()]
+        self.dtype = floats[0] if floats else torch.float32
+        self.prepare = prepare if prepare is not None else self.to_unit_range
+
+    def to_unit_range(self, u8: Tensor) -> Tensor:
+        return u8.to(self.dtype) / 127.5 - 1  # [0, 255] -> [-1, 1]
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.prepare(images.to(self.device))  # (B, C, H, W) as the network takes them
+        return self.net(x).double().to(images.device)  # (B, D)
 
 
 # --- caches: tensors in safetensors, the rest in JSON, never a pickle ----------------------------

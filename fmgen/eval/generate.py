@@ -102,6 +102,35 @@ def index_blocks(num: int, rank: int, world: int, size: int) -> list[range]:
     return [range(s, min(s + size, num)) for s in range(rank * size, num, world * size)]
 
 
+def gather_blocks(
+    local: Tensor, num: int, shape: tuple[int, ...], *, world: int, size: int,
+    device: str | torch.device,
+) -> Tensor:  # fmt: skip
+    """Every process's uint8 images of its ``index_blocks(num, rank, world, size)``, in order ->
+    all num images, in index order, on every process (a collective: every rank calls it).
+
+    Gathers need the same tensor size on every rank (gloo fails with "Received data size
+    doesn't match" otherwise), so each rank pads its share to the largest share, and the
+    padding is dropped after the gather. The shares are known to every rank: nothing else is
+    exchanged.
+    """
+    from accelerate.utils import gather
+
+    # padded by hand: every rank knows every share without asking, where Accelerate's
+    # pad_across_processes spends a collective to learn the sizes, and gather_for_metrics only
+    # trims the remainder of a prepared DataLoader
+    shares = [[i for r in index_blocks(num, rank, world, size) for i in r] for rank in range(world)]
+    width = max(len(s) for s in shares)
+    padded = torch.zeros((width, *shape), dtype=torch.uint8)  # (width, C, H, W)
+    padded[: len(local)] = local
+    everything = gather(padded.to(device)).cpu()  # (world * width, C, H, W)
+    out = torch.empty((num, *shape), dtype=torch.uint8)
+    for rank, share in enumerate(shares):
+        first = rank * width
+        out[torch.tensor(share, dtype=torch.long)] = everything[first : first + len(share)]
+    return out
+
+
 def block_noise(seed: int, start: int, count: int, shape: tuple[int, ...]) -> Tensor:
     """Initial noise of samples start..start+count-1, (count, *shape), drawn on the CPU.
 

@@ -19,25 +19,36 @@ def to_uint8(images: Tensor) -> Tensor:
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def save_grid(
-    images: Tensor, out: Path, *, nrow: int, row_labels: list[str] | None = None, scale: int = 0
-) -> Path:
-    """Save (N, C, H, W) images in [-1, 1] as a grid PNG with ``nrow`` images per row.
+GRID_GAP = 2  # pixels between cells (at the grid's scale): else strokes run into the next cell
+GRID_GAP_VALUE = 128  # mid gray: apart from black backgrounds and white strokes alike
 
-    Rows are labelled on the left when ``row_labels`` is given (one label per row). Small
-    images are upscaled (nearest) so the grid is legible.
+
+def save_grid(
+    images: Tensor, out: Path, *, nrow: int, row_labels: list[str] | None = None, scale: int = 0,
+    gap: int = GRID_GAP,
+) -> Path:  # fmt: skip
+    """Save (N, C, H, W) images (in [-1, 1], or uint8) as a grid PNG with ``nrow`` images per row.
+
+    Every image is a cell; cells are ``gap`` pixels apart (mid gray), empty cells of the last
+    row are black. Rows are labelled on the left when ``row_labels`` is given (one label per
+    row). Small images are upscaled (nearest) so the grid is legible: ``scale`` (default: to
+    about 64 pixels).
     """
     n, c, h, w = images.shape
     rows = math.ceil(n / nrow)
-    pad = rows * nrow - n
-    u8 = to_uint8(images)
-    if pad:
-        u8 = torch.cat([u8, torch.zeros((pad, c, h, w), dtype=torch.uint8)])
-    grid = rearrange(u8, "(r k) c h w -> (r h) (k w) c", k=nrow).numpy()  # (rows*H, nrow*W, C)
-    mode = "L" if c == 1 else "RGB"
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid, mode=mode)
+    u8 = images if images.dtype == torch.uint8 else to_uint8(images)
     scale = scale or max(1, 64 // h)
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    cells = u8.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)  # nearest upscale
+    ch, cw = h * scale, w * scale
+    grid = torch.full((c, rows * (ch + gap) - gap, nrow * (cw + gap) - gap), GRID_GAP_VALUE,
+                      dtype=torch.uint8)  # fmt: skip
+    for i in range(rows * nrow):
+        r, k = divmod(i, nrow)
+        y, x = r * (ch + gap), k * (cw + gap)
+        grid[:, y : y + ch, x : x + cw] = cells[i] if i < n else 0
+    arr = rearrange(grid, "c h w -> h w c").numpy()  # (rows*(H+gap)-gap, nrow*(W+gap)-gap, C)
+    mode = "L" if c == 1 else "RGB"
+    img = Image.fromarray(arr[..., 0] if c == 1 else arr, mode=mode)
     if row_labels is not None:
         margin = 8 * max(len(s) for s in row_labels) + 8
         canvas = Image.new(
@@ -45,9 +56,9 @@ def save_grid(
         )
         canvas.paste(img, (margin, 0))
         draw = ImageDraw.Draw(canvas)
-        row_h = h * scale
         for r, label in enumerate(row_labels[:rows]):
-            draw.text((2, r * row_h + row_h // 2 - 5), label, fill=0 if c == 1 else (0, 0, 0))
+            y = r * (ch + gap) + ch // 2 - 5
+            draw.text((2, y), label, fill=0 if c == 1 else (0, 0, 0))
         img = canvas
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out)

@@ -12,7 +12,13 @@ from typing import Any
 
 from fmgen.config import Config, ConfigError
 from fmgen.eval.digits import digits_report, digits_report_lines
-from fmgen.eval.features import FEATURE_DIMS, FEATURE_NETWORKS
+from fmgen.eval.features import (
+    FEATURE_DIMS,
+    FEATURE_TRAINED_ON,
+    EvalError,
+    check_trained_on,
+    parse_feature_network,
+)
 
 
 @dataclass(frozen=True)
@@ -35,12 +41,17 @@ REPORTS: dict[str, Report] = {
 
 def check_eval_config(cfg: Config) -> None:
     """The eval options whose registries live in this layer."""
-    if cfg.eval.feature_network not in FEATURE_NETWORKS:
-        raise ConfigError(
-            f"eval.feature_network: {cfg.eval.feature_network!r} is not valid; choose one of: "
-            f"{', '.join(map(repr, FEATURE_NETWORKS))}"
-        )
-    dim = FEATURE_DIMS.get(cfg.eval.feature_network)
+    from fmgen.data.reference import data_set_name
+
+    e = cfg.eval
+    try:
+        kind = parse_feature_network(e.feature_network, e.feature_network_path).kind
+        if e.fid_every_images:  # FID during training: refuse a network for other data now
+            check_trained_on(kind, FEATURE_TRAINED_ON.get(kind), data_set_name(cfg.data),
+                             where=str(cfg.data.path), force=e.force_feature_network)  # fmt: skip
+    except EvalError as err:
+        raise ConfigError(str(err)) from None
+    dim = FEATURE_DIMS.get(kind)
     if cfg.eval.fid_every_images and dim is not None and cfg.eval.fid_num_samples <= dim:
         raise ConfigError(
             f"eval.fid_num_samples={cfg.eval.fid_num_samples}: FID with the {dim}-d "

@@ -18,8 +18,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fmgen.core.sampling import SamplingSpec
-from fmgen.eval.generate import NOISE_BLOCK, SampleError, generate, index_blocks
-from fmgen.eval.images import merge_npz_parts, save_grid, save_samples
+from fmgen.eval.generate import NOISE_BLOCK, SampleError, gather_blocks, generate, index_blocks
+from fmgen.eval.images import merge_npz_parts, save_grid, save_samples, to_uint8
 from fmgen.models.store import LoadedModel
 
 
@@ -87,8 +87,11 @@ def draw_samples(
         dt = torch.bfloat16 if precision == "bf16" else torch.float16
         autocast = torch.autocast(device_type=device.type, dtype=dt)
     num, cond = request.num, request.cond
-    blocks = index_blocks(num, state.process_index, state.num_processes, NOISE_BLOCK)
-    first: Tensor | None = None
+    world = state.num_processes
+    blocks = index_blocks(num, state.process_index, world, NOISE_BLOCK)
+    k = min(num, grid_max)  # the grid holds samples 0..k-1, whichever process drew them
+    data = loaded.config.data  # the decoded images' shape, on every process (some may draw none)
+    cells = [torch.empty((0, data.channels, data.resolution, data.resolution), dtype=torch.uint8)]
     with autocast:
         for block in tqdm(
             blocks, disable=not state.is_main_process or len(blocks) < 2, desc="blocks"
@@ -101,15 +104,17 @@ def draw_samples(
             if out_dir is not None:
                 save_samples(images, c if loaded.model.conditional else None, out_dir, start=s,
                              fmt=fmt)  # fmt: skip
-            if s == 0:
-                first = images
+            cells.append(to_uint8(images[: max(0, k - s)]))
     grid = grid or Path(loaded.source) / "samples" / "grid.png"
+    mine = torch.cat(cells)  # (this process's grid samples, C, H, W), its blocks in order
+    if world > 1:
+        mine = gather_blocks(mine, k, tuple(mine.shape[1:]), world=world, size=NOISE_BLOCK,
+                             device=device)  # fmt: skip
     state.wait_for_everyone()
     if not state.is_main_process:
         return []
     lines = []
-    if first is not None:
-        k = min(len(first), grid_max)
+    if k > 0:
         per_class = request.per_class
         nrow = per_class or max(1, math.isqrt(k))
         rows = None
@@ -118,7 +123,7 @@ def draw_samples(
                 loaded.class_names[int(cond[r * per_class])]
                 for r in range(math.ceil(k / per_class))
             ]
-        save_grid(first[:k], grid, nrow=nrow, row_labels=rows)
+        save_grid(mine, grid, nrow=nrow, row_labels=rows)
         lines.append(f"grid: {grid} ({k} images, {spec.describe()}, {loaded.weights} weights, "
                      f"step {loaded.step})")  # fmt: skip
     if out_dir is not None:
