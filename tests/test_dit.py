@@ -126,3 +126,17 @@ def test_imagenet_preset_is_sit_b2_sized_on_latents():
     assert dit.pos_embed.height * dit.pos_embed.width == 256 and dit.inner_dim == 768
     assert len(dit.transformer_blocks) == 12 and dit.config.num_attention_heads == 12
     assert 130e6 < count_parameters(dit) < 150e6
+
+
+def test_checkpoints_written_before_model_dit_existed_still_resume(tmp_path):
+    from fmgen.config import to_dict
+    from fmgen.models import CheckpointError
+    from fmgen.train.checkpoint import check_resumable
+
+    cfg = load_config(ROOT / "configs" / "digits.yaml")
+    saved = to_dict(cfg)
+    del saved["model"]["dit"]  # a U-Net run's checkpoint from before model.type: dit
+    check_resumable(cfg, saved, tmp_path)
+    cfg.model.dit.depth = 2
+    with pytest.raises(CheckpointError, match="model settings differ"):
+        check_resumable(cfg, saved, tmp_path)
