@@ -8,6 +8,17 @@ loss, nothing else. Both report steady-state images/s (start-up excluded). Targe
     python bench/train_step.py                     # digits preset on this machine
     python bench/train_step.py --preset cifar10    # on a CUDA machine: bf16, images/s, peak memory
     python bench/train_step.py --preset cifar10 train.compile=true   # any config override
+    python bench/train_step.py --preset imagenet256-latent   # the SiT-B/2-sized DiT (reduced on a CPU)
+
+Each run also prints the model's FLOPs per training image: torch.utils.flop_counter.FlopCounterMode
+over one forward + backward of one image (matmuls, convolutions and attention, 2 FLOPs per
+multiply-add; norms, element-wise ops and the optimizer are not counted).
+
+imagenet256-latent: this fmgen has no latent stage yet (model.autoencoder), so both loops train
+the DiT on synthetic 32x32x3 images, which give it the same 256 tokens (2x2 patches) as the
+32x32x4 latents of 256x256 images; its FLOPs are counted on 32x32x4 latents and 1000 classes.
+On a CPU (or with --size reduced) the preset is cut down (printed): a SiT-B/2 step of 256 images
+takes minutes on a few cores.
 """
 
 from __future__ import annotations
@@ -23,6 +34,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+LATENT = (4, 32, 32)  # an SD-VAE's latents of a 256x256x3 image (factor 8, 4 channels)
+# imagenet256-latent on a CPU: 256 tokens and the head width (64) kept, the rest cut down
+REDUCED = {"train.batch_size": 16, "model.dit.depth": 2, "model.dit.width": 192,
+           "model.dit.heads": 3, "train.mixed_precision": "no", "data.num_workers": 1}  # fmt: skip
 
 
 def synthetic_shards(out: Path, resolution: int, channels: int, n: int) -> Path:
@@ -42,6 +57,20 @@ def synthetic_shards(out: Path, resolution: int, channels: int, n: int) -> Path:
         "folder", out / "shards", resolution=resolution, channels=channels, source_path=str(src)
     )
     return out / "shards"
+
+
+def flops_per_image(cfg, shape: tuple[int, int, int], num_classes: int) -> int:
+    """FlopCounterMode's count of one forward + backward of the config's backbone, one image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fmgen.models import ClassLabels, get_backbone
+
+    spec = get_backbone(cfg.model.type)
+    net = spec.build(cfg, shape, ClassLabels(num_classes))
+    x, t, y = torch.randn(1, *shape), torch.rand(1), torch.zeros(1, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        spec.call(net, x, t, y).square().mean().backward()
+    return counter.get_total_flops()
 
 
 def bare_loop(
@@ -85,7 +114,11 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--preset", choices=("digits", "cifar10"), default="digits")
+    p.add_argument(
+        "--preset", choices=("digits", "cifar10", "imagenet256-latent"), default="digits"
+    )
+    p.add_argument("--size", choices=("auto", "full", "reduced"), default="auto",
+                   help="imagenet256-latent: auto = reduced on a CPU, full on a GPU")  # fmt: skip
     p.add_argument(
         "--steps", type=int, default=60, help="measured steps of each loop (after warm-up)"
     )
@@ -109,20 +142,28 @@ def main() -> None:
         tmp = Path(tmp)
         over = [f"train.run_dir={tmp / 'run'}", "eval.report=", "logging.wandb=true",
                 "logging.mode=offline", "train.log_every_steps=10"]  # fmt: skip
-        if args.preset == "cifar10":
+        reduced = args.preset == "imagenet256-latent" and (
+            args.size == "reduced" or (args.size == "auto" and device.type == "cpu")
+        )
+        if args.preset in ("cifar10", "imagenet256-latent"):
             shards = synthetic_shards(tmp / "data", 32, 3, 4096)
             over += [
                 f"data.path={shards}",
+                "data.resolution=32",  # imagenet256-latent: stands in for 32x32x4 latents
                 "eval.fid_every_images=0",
                 "train.sample_every_images=0",
             ]
+            over += [f"{k}={v}" for k, v in REDUCED.items()] if reduced else []
         else:
             over += [f"data.path={tmp / 'digits'}"]
         if args.batch:
             over.append(f"train.batch_size={args.batch}")
         if args.workers is not None:
             over.append(f"data.num_workers={args.workers}")
-        cfg = load_config(ROOT / "configs" / f"{args.preset}.yaml", [*over, *args.overrides])
+        preset = ROOT / "configs" / f"{args.preset}.yaml"
+        cfg = load_config(preset, [*over, *args.overrides])
+        shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+        flops = flops_per_image(cfg, shape, 10)  # the synthetic shards' and digits' 10 classes
         warm = 5
         total = args.steps + warm
         cfg.train.total_images = total * cfg.train.batch_size
@@ -133,6 +174,17 @@ def main() -> None:
         images, labels = read_all(Path(cfg.data.path))
         bare = bare_loop(cfg, images, labels, args.steps, warm, device)
     pipe = result.images_per_s
+    if args.preset == "imagenet256-latent":
+        full = load_config(preset)
+        print(f"\nDiT: depth {cfg.model.dit.depth}, width {cfg.model.dit.width}, "
+              f"heads {cfg.model.dit.heads}, patch {cfg.model.dit.patch_size} on "
+              f"{cfg.data.channels}x32x32 (256 tokens; stands in for {LATENT[0]}x32x32 latents)")  # fmt: skip
+        if reduced:
+            print("reduced for this device: " + ", ".join(
+                f"{k} {_get(full, k)} -> {_get(cfg, k)}" for k in REDUCED))  # fmt: skip
+        full_flops = flops_per_image(full, LATENT, 1000)
+        print(f"FLOPs per training image, full preset on {LATENT[0]}x32x32 latents: "
+              f"{full_flops / 1e9:.1f} GFLOP (forward + backward)")  # fmt: skip
     print(f"\npreset {args.preset}, device {device}, global batch {cfg.train.batch_size}, "
           f"precision {cfg.train.mixed_precision}, compile {cfg.train.compile}, channels_last {cfg.train.channels_last}, "
           f"{args.steps} measured steps, torch threads {torch.get_num_threads()}")  # fmt: skip
@@ -140,10 +192,18 @@ def main() -> None:
     print(f"{'bare PyTorch (in-memory data)':<32}{bare:>12.1f}")
     print(f"{'fmgen pipeline (loader+EMA+log)':<32}{pipe:>12.1f}")
     print(f"ratio pipeline / bare: {pipe / bare:.3f} (target >= 0.95)")
+    print(f"FLOPs per training image (this model, forward + backward): {flops / 1e9:.3f} GFLOP; "
+          f"bare loop at {bare * flops / 1e12:.3f} TFLOP/s")  # fmt: skip
     if device.type == "cuda":
         print(f"peak GPU memory (pipeline): {result.peak_memory_gb:.2f} GiB")
     if not math.isfinite(pipe):
         raise SystemExit("the pipeline reported no steady-state throughput; raise --steps")
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 if __name__ == "__main__":

@@ -116,12 +116,24 @@ class UNetConfig:
 
 
 @dataclass
+class DiTConfig:
+    """Options of ``model.type: dit`` (diffusers ``DiTTransformer2DModel``); checked by its builder."""
+
+    patch_size: int = 2  # tokens are patch_size x patch_size patches of the model's input
+    depth: int = 4  # transformer blocks (diffusers: num_layers)
+    width: int = 128  # token width = heads x head width (a multiple of 4 and of heads)
+    heads: int = 4  # attention heads (diffusers: num_attention_heads)
+    dropout: float = 0.0
+
+
+@dataclass
 class ModelConfig:
     type: str = "unet"  # a backbone of fmgen.models.BACKBONES
     prediction_type: str = "velocity"  # velocity | eps | score | x0
     class_conditional: bool = True
     p_uncond: float = 0.1  # condition dropped to the null condition, per sample, for guidance
     unet: UNetConfig = field(default_factory=UNetConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Models: backbones behind one registry, the prediction-type wrapper, conditioning, the
 autoencoder stage, and the run folder's model files (export, loading a checkpoint).
 
-Importing this package registers the built-in backbones (``unet``).
+Importing this package registers the built-in backbones (``unet``, ``dit``).
 """
 
+from fmgen.models import dit as _dit  # noqa: F401  (registers model.type: dit)
 from fmgen.models import unet as _unet  # noqa: F401  (registers model.type: unet)
 from fmgen.models.autoencoder import (
     Autoencoder,

@@ -293,8 +293,10 @@ def restore_checkpoint(
 
 def check_resumable(cfg: Config, saved: dict[str, Any], ckpt: Path) -> None:
     """Model, path, data shape and batch must match the checkpoint's; other settings may change."""
-    now = to_dict(cfg)
+    now, defaults = to_dict(cfg), to_dict(Config())
     for section in ("model", "path"):
+        # options added since the checkpoint was written (e.g. model.dit) have their defaults
+        saved = {**saved, section: {**defaults[section], **saved[section]}}
         if now[section] != saved[section]:
             diff = {
                 k: (saved[section].get(k), v)
