@@ -15,6 +15,8 @@ Layout of a run directory::
         fmgen_manifest.json             sha256 and size of every file above, written last
     RUN_DIR/checkpoints/latest          name of the newest COMPLETE checkpoint
     RUN_DIR/export/backbone/            diffusers save_pretrained of the EMA backbone
+    RUN_DIR/export/autoencoder/         latent models: the VAE's config and weights, copied
+                                        byte for byte (the hash fmgen.json records)
     RUN_DIR/export/fmgen.json           backbone type and class, prediction type, conditioning,
                                         autoencoder stage, path, classes, config
     RUN_DIR/export/fmgen_manifest.json  checksums of the export
@@ -457,6 +459,7 @@ def export_model(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
+        autoencoder.export(tmp / "autoencoder")  # latent models: the VAE (identity: nothing)
         write_durable(tmp / "fmgen.json", json.dumps(meta, indent=2))
         write_manifest(tmp)
         swap_in(tmp, out_dir)
@@ -493,8 +496,8 @@ def _load_export(src: Path, device: str | torch.device) -> LoadedModel:
                       conditioning=conditioning_from_dict(meta["conditioning"]),
                       sample_shape=tuple(meta["sample_shape"]))  # fmt: skip
     return LoadedModel(model.to(device).eval(), make_path(cfg),
-                       autoencoder_from_dict(meta["autoencoder"]), cfg, meta["class_names"],
-                       meta["step"], "ema", str(src))  # fmt: skip
+                       autoencoder_from_dict(meta["autoencoder"], src / "autoencoder"), cfg,
+                       meta["class_names"], meta["step"], "ema", str(src))  # fmt: skip
 
 
 def _config_of(tree: dict, where: Path, run_folder: Path) -> Config:
@@ -551,7 +554,9 @@ def load_model(
     extra = read_checkpoint_extra(ckpt)
     cfg = _config_of(extra["config"], ckpt, ckpt.parent.parent)
     class_names = extra["class_names"]
-    autoencoder = build_autoencoder(cfg)
+    # the stage with the data's statistics, as trained (checkpoints of pixel models: identity)
+    recorded = extra.get("autoencoder")
+    autoencoder = autoencoder_from_dict(recorded) if recorded else build_autoencoder(cfg)
     model = build_model(cfg, build_conditioning(cfg, len(class_names)), autoencoder)
     if weights == "ema":
         params = list(model.parameters())
