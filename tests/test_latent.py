@@ -334,3 +334,37 @@ def test_webdataset_shards_of_any_origin_encode_into_latent_shards(vae, tmp_path
                                  data_path=str(tmp_path / "i2d"), resolution=16, channels=1,
                                  progress=False)  # fmt: skip
     assert m2.num_samples == 60 and m2.class_names == ("all",) and m2.class_counts == (60,)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_splits_the_encoding_and_writes_the_same_shards(
+    vae, latent_shards, tmp_path
+):
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+
+    from fmgen.data import prepare
+
+    prepare("digits", tmp_path / "pixels", resolution=16, channels=1, samples_per_shard=500,
+            progress=False)  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    # CPU processes form one group through --multi_gpu with ACCELERATE_USE_CPU (--cpu: one process)
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "--main_process_port", str(port), "-m", "fmgen.data", "prepare", "--source", "shards",
+                        "--data-path", str(tmp_path / "pixels"), "--autoencoder", str(vae),
+                        "--batch-size", "100", "--out", str(out), "--no-progress"],
+                       cwd=ROOT, env={**subprocess_env(), "ACCELERATE_USE_CPU": "true"},
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote 1797 samples") == 1  # the main process reports
+    assert "process 0 of 2 encodes 2 of the 4 shards" in r.stderr
+    assert {k: v for k, v in files(out).items() if k != "manifest.json"} == {
+        k: v for k, v in files(latent_shards).items() if k != "manifest.json"}  # fmt: skip
+    assert read_manifest(out).latent == read_manifest(latent_shards).latent
