@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,18 @@ def test_loader_yields_normalized_latents_and_the_mirror_latent_when_flipping(la
         plain.double().std((0, 2, 3)), torch.ones(4, dtype=torch.float64), atol=1e-3
     )
     assert not torch.allclose(plain, mirrored)
+    # in memory: a flipped sample is its mirror image's latent too
+    from fmgen.data import open_train_data
+
+    cfg = load_config(DIGITS, [f"data.path={latent_shards}", "data.source=shards", "data.resolution=16",
+                               "data.in_memory=true", "data.hflip=true"]).data  # fmt: skip
+    feed = open_train_data(cfg, batch_size=128, rank=0, world_size=1, seed=0, main=True,
+                           barrier=lambda: None, autoencoder="unused")  # fmt: skip
+    assert feed.latents == m.latent
+    x = next(iter(feed))[0].flatten(1)
+    is_plain = (x[:, None] == plain.flatten(1)[None]).all(-1).any(-1)
+    is_mirror = (x[:, None] == mirrored.flatten(1)[None]).all(-1).any(-1)
+    assert (is_plain ^ is_mirror).all() and 0 < int(is_mirror.sum()) < 128
     pixels = ShardLoader(latent_shards, 64, rank=0, world_size=1, resampled=False,
                          shuffle_buffer=0, latents=False)  # fmt: skip
     assert next(iter(pixels))[0].shape == (64, 1, 16, 16)  # what an FID reference reads
@@ -226,7 +239,9 @@ def test_latent_run_resumes_exactly_exports_and_samples_and_scores_in_pixels(
 
     full = train(tiny_latent(latent_shards, vae, tmp_path / "full", 4))
     train(tiny_latent(latent_shards, vae, tmp_path / "half", 2))
-    half = train(tiny_latent(latent_shards, vae, tmp_path / "half", 4), resume="auto")
+    moved = tmp_path / "vae-copy"  # the VAE moved: the same hash, so the run resumes
+    shutil.copytree(vae, moved)
+    half = train(tiny_latent(latent_shards, moved, tmp_path / "half", 4), resume="auto")
     assert half.step == 4
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(full.checkpoint / name), load_file(half.checkpoint / name)
@@ -267,7 +282,7 @@ def test_latent_run_resumes_exactly_exports_and_samples_and_scores_in_pixels(
 
 
 def test_shards_of_another_autoencoder_or_of_pixels_are_refused(
-    vae, latent_shards, tmp_path, shards
+    vae, latent_shards, tmp_path, shards, capsys
 ):
     other = make_vae(tmp_path / "other", seed=1)
     with pytest.raises(AutoencoderError) as e:
@@ -275,6 +290,12 @@ def test_shards_of_another_autoencoder_or_of_pixels_are_refused(
     msg = str(e.value)
     assert "\n" not in msg and folder_hash(vae) in msg and folder_hash(other) in msg, msg
     assert "--autoencoder" in msg
+    from fmgen.cli.train import main as train_main
+
+    argv = ["--config", str(DIGITS), *tiny_latent(latent_shards, other, tmp_path / "cli", 1)]
+    assert train_main(argv) == 2  # the command line: one line, exit status 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and folder_hash(other) in err
     with pytest.raises(AutoencoderError, match="holds pixel images.*prepare --source shards"):
         train(tiny_latent(shards, vae, tmp_path / "run", 1, "data.resolution=8"))
     with pytest.raises(AutoencoderError, match="set model.autoencoder"):

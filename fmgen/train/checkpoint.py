@@ -306,7 +306,9 @@ def check_resumable(cfg: Config, saved: dict[str, Any], ckpt: Path) -> None:
     for section in ("model", "path"):
         # a key newer than the checkpoint (e.g. model.autoencoder) counts as its default
         was = {**defaults[section], **saved[section]}
-        diff = {k: (was.get(k), v) for k, v in now[section].items() if was.get(k) != v}
+        # model.autoencoder is a path: the VAE may move; its hash is checked instead
+        diff = {k: (was.get(k), v) for k, v in now[section].items()
+                if was.get(k) != v and k != "autoencoder"}  # fmt: skip
         if diff:
             raise CheckpointError(
                 f"cannot resume from {ckpt}: {section} settings differ from the checkpoint's "
