@@ -132,6 +132,9 @@ class ModelConfig:
     prediction_type: str = "velocity"  # velocity | eps | score | x0
     class_conditional: bool = True
     p_uncond: float = 0.1  # condition dropped to the null condition, per sample, for guidance
+    # a local diffusers AutoencoderKL folder (save_pretrained layout): the model works in its
+    # latent space, on shards prepared with `prepare --autoencoder`; "" = pixel space
+    autoencoder: str = ""
     unet: UNetConfig = field(default_factory=UNetConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
 

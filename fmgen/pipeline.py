@@ -37,7 +37,7 @@ from fmgen.core.grids import time_grid
 from fmgen.core.sampling import SamplingSpec
 from fmgen.eval.generate import generate
 from fmgen.eval.images import images_to_numpy
-from fmgen.models.autoencoder import Autoencoder, autoencoder_from_dict
+from fmgen.models.autoencoder import Autoencoder
 from fmgen.models.flow import FlowModel
 from fmgen.models.pipeline_files import MODEL_INDEX, stock_scheduler
 from fmgen.models.store import LoadedModel, assemble_export, export_model, read_export
@@ -60,16 +60,15 @@ def scheduler_sigmas(steps: int) -> np.ndarray:
     return (1.0 - ts[:-1]).numpy()
 
 
-def autoencoder_stage(recorded: dict[str, Any] | None, module: nn.Module | None) -> Autoencoder:
-    """fmgen's autoencoder stage of an export, around the weights of its ``autoencoder``
+def autoencoder_stage(stage: Autoencoder, module: nn.Module | None) -> Autoencoder:
+    """fmgen's autoencoder stage of an export, beside the weights of its ``autoencoder``
     component, which diffusers loads from ``autoencoder/`` when model_index.json names one.
 
-    Pixel exports: the identity stage, no component. HOOK for latent exports (the VAE stage):
-    rebuild the stage recorded in fmgen.json around ``module`` here, so that generate decodes
-    with fmgen's own scaling. Until that stage exists, ``autoencoder_from_dict`` refuses the
-    record, and a component beside a pixel stage is refused below.
+    Pixel exports: the identity stage, no component. Latent exports: the stage fmgen.json
+    records, read from the same ``autoencoder/`` folder (byte-for-byte the VAE whose hash the
+    shards and FID records name), so generate decodes with fmgen's own latent normalization;
+    the component is the same weights, for loops outside fmgen.
     """
-    stage = autoencoder_from_dict(recorded)
     if module is not None and stage.kind == "identity":
         raise PipelineError(
             f"an autoencoder component ({type(module).__name__}) was given, but the export "
@@ -134,7 +133,7 @@ class FlowPipeline(DiffusionPipeline):
         return pipe
 
     def _bind(self, loaded: LoadedModel) -> None:
-        self._stage = autoencoder_stage(loaded.autoencoder.to_dict(), self.autoencoder)
+        self._stage = autoencoder_stage(loaded.autoencoder, self.autoencoder)
         self._loaded = loaded
 
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True,

@@ -74,6 +74,9 @@ CASES = [
     ("train", [*CFG, "data.source=webdataset", "data.num_classes=-1"], "data.num_classes"),
     ("train", [*CFG, "data.source=webdataset", "data.path=pipe:cat a.tar b: c"], "quote"),
     ("train", [*RUN, "data.path={foreign}"], "data.source=webdataset"),
+    ("train", [*CFG, "model.autoencoder={tmp}/nothing"], "no such folder"),
+    ("train", [*CFG, "model.autoencoder={foreign}"], "no AutoencoderKL config"),
+    ("train", [*CFG, "model.autoencoder={export}/backbone"], "'UNet2DModel'"),
     ("train", [*RUN, "data.source=webdataset", "data.path={tmp}/nothing/x-{{0..3}}.tar"], "do not exist"),
     ("train", [*RUN, "data.source=webdataset", "data.path={foreign}"], "cannot read the shard"),
     ("index", ["{tmp}/nothing", "--out", "{tmp}/i"], "do not exist"),
@@ -130,6 +133,9 @@ CASES = [
     ("prepare", ["--out", "{shards}"], "--overwrite"),
     ("prepare", ["--out", "{foreign}"], "did not write"),
     ("prepare", ["--source", "hf", "--source-path", "{tmp}/nothing", "--out", "{tmp}/p"], "could not load"),
+    ("prepare", ["--autoencoder", "{tmp}/nothing", "--out", "{tmp}/p"], "no such folder"),
+    ("prepare", ["--autoencoder", "{foreign}", "--out", "{tmp}/p"], "no AutoencoderKL config"),
+    ("prepare", ["--source", "shards", "--data-path", "{shards}", "--out", "{tmp}/p"], "--autoencoder"),
 ]  # fmt: skip
 
 

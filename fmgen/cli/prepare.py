@@ -6,9 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fmgen.base import setup_logging
+from fmgen.base import FmgenError, setup_logging
 from fmgen.cli import run_guarded
 from fmgen.data import IMAGE_FORMATS, SOURCES
+from fmgen.data.decode import FITS
 from fmgen.data.sources import SPLITS
 
 
@@ -23,11 +24,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--source",
-        choices=SOURCES,
+        choices=(*SOURCES, "shards", "webdataset"),
         default="digits",
         help="digits: scikit-learn's 1797 8x8 digits (bundled); folder: "
         "SOURCE_PATH/<class>/<image> folders; hf: a datasets save_to_disk folder or a data "
-        "set name (default: digits)",
+        "set name; with --autoencoder also shards (fmgen's pixel shards in --data-path) and "
+        "webdataset (any WebDataset shards --data-path names) (default: digits)",
     )
     p.add_argument(
         "--source-path", default=None, help="image folder, save_to_disk folder or data set name"
@@ -103,6 +105,31 @@ def parser() -> argparse.ArgumentParser:
         help="replace shards fmgen wrote in --out (kept until the new ones are complete)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lat = p.add_argument_group(
+        "latent shards (--autoencoder; under `accelerate launch` the processes split the shards)"
+    )
+    lat.add_argument(
+        "--autoencoder",
+        default=None,
+        help="a local diffusers AutoencoderKL folder: write its latents of every image and of "
+        "its mirror image (float16 .npy members) for model.autoencoder runs; resumable",
+    )
+    lat.add_argument(
+        "--data-path",
+        nargs="+",
+        default=None,
+        help="the shards to encode: --source shards: a folder of fmgen's pixel shards; "
+        "--source webdataset: a folder, brace pattern, URLs or an index folder",
+    )
+    lat.add_argument("--manifest", default=None, help="webdataset: an index or manifest")
+    lat.add_argument("--image-key", default="", help="webdataset: the image member")
+    lat.add_argument("--label-key", default="cls", help="webdataset: the label member")
+    lat.add_argument("--num-classes", type=int, default=None, help="webdataset: label classes")
+    lat.add_argument(
+        "--fit", choices=FITS, default="center-crop", help="webdataset: images of another size"
+    )
+    lat.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
+    lat.add_argument("--device", default=None, help="default: CUDA when present, else the CPU")
     return p
 
 
@@ -116,33 +143,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
 
     def go() -> int:
-        from fmgen.data import prepare
         from fmgen.data.sources import summary_lines
 
-        m = prepare(
-            args.source,
-            args.out,
-            resolution=args.resolution,
-            channels=args.channels,
-            source_path=args.source_path,
-            image_column=args.image_column,
-            label_column=args.label_column,
-            hf_split=args.hf_split,
-            split=args.split,
-            holdout_fraction=args.holdout_fraction,
-            seed=args.seed,
-            shuffle_seed=args.shuffle_seed,
-            fmt=args.format,
-            quality=args.jpeg_quality,
-            background=args.background,
-            samples_per_shard=args.samples_per_shard,
-            max_shard_bytes=int(args.max_shard_mb * 2**20),
-            workers=args.workers,
-            strict=args.strict,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
+        if args.autoencoder:
+            m = prepare_latent_shards(args)
+            if m is None:  # not the main process
+                return 0
+        elif args.source in SOURCES:
+            m = prepare_pixel_shards(args)
+        else:
+            raise FmgenError(
+                f"--source {args.source} encodes existing shards into latent shards and needs "
+                f"--autoencoder PATH (pixel shards train as they are: data.source={args.source})"
+            )
         print("\n".join(summary_lines(m)))
         return 0
 
     return run_guarded(go)
+
+
+def _pixel_options(args: argparse.Namespace) -> dict:
+    return dict(resolution=args.resolution, channels=args.channels, source_path=args.source_path,
+                image_column=args.image_column, label_column=args.label_column,
+                hf_split=args.hf_split, split=args.split, holdout_fraction=args.holdout_fraction,
+                seed=args.seed, shuffle_seed=args.shuffle_seed, fmt=args.format,
+                quality=args.jpeg_quality, background=args.background,
+                samples_per_shard=args.samples_per_shard,
+                max_shard_bytes=int(args.max_shard_mb * 2**20), workers=args.workers,
+                strict=args.strict)  # fmt: skip
+
+
+def prepare_latent_shards(args: argparse.Namespace):
+    """Latent shards, split across the processes of ``accelerate launch``; the manifest on the
+    main process (None on the others)."""
+    import torch
+    from accelerate import PartialState
+
+    from fmgen.cli import device_from_arg
+    from fmgen.data.latents import prepare_latents
+    from fmgen.train.dist import any_rank
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    device = device_from_arg(args.device) or state.device
+    paths = args.data_path or []
+    options = _pixel_options(args) if args.source in SOURCES else {
+        "resolution": args.resolution, "channels": args.channels}  # fmt: skip
+    m = prepare_latents(
+        args.source, args.out, autoencoder=args.autoencoder,
+        data_path=paths[0] if len(paths) == 1 else paths, manifest=args.manifest,
+        num_classes=args.num_classes, image_key=args.image_key, label_key=args.label_key,
+        fit=args.fit, batch_size=args.batch_size, device=device, rank=state.process_index,
+        world_size=state.num_processes, any_failed=lambda failed: any_rank(failed, state.device),
+        overwrite=args.overwrite, progress=not args.no_progress, **options,
+    )  # fmt: skip
+    return m if state.is_main_process else None
+
+
+def prepare_pixel_shards(args: argparse.Namespace):
+    from fmgen.data import prepare
+
+    return prepare(args.source, args.out, **_pixel_options(args), overwrite=args.overwrite,
+                   progress=not args.no_progress)  # fmt: skip

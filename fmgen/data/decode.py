@@ -12,6 +12,10 @@ Shards written by other tools differ from fmgen's in three ways, each an option 
   check (a wrong size is an unusable sample).
 
 A caption member (``caption_key``, e.g. img2dataset's ``txt``) rides along as text.
+
+Latent shards (``prepare --autoencoder``; ``Decoding.latent`` set) hold each sample's latent
+and its mirror image's latent as float16 ``.npy`` members; ``decode_latent`` takes the one the
+flip augmentation asks for, since flipping a latent is not the latent of the flipped image.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ from fmgen.data.images import convert_mode, fit_image
 from fmgen.data.shards import DataError
 
 FITS = ("center-crop", "resize", "pad", "none")
+LATENT_MEMBER, FLIPPED_MEMBER = (
+    "latent.npy",
+    "latent_flip.npy",
+)  # KEY.latent.npy, KEY.latent_flip.npy
+LATENT_DTYPE = np.float16
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # naming the format skips PIL's probing of every other one; other keys probe
 _PIL_FORMATS = {"png": ("PNG",), "jpg": ("JPEG",), "jpeg": ("JPEG",), "webp": ("WEBP",)}
@@ -43,6 +52,7 @@ class Decoding:
     label_key: str = "cls"  # "" = no labels: every sample is class 0
     caption_key: str = ""  # "" = no captions
     fit: str = "center-crop"
+    latent: tuple[int, ...] = ()  # (c, h, w) of latent shards' latents; () = decode the image
 
 
 class Unusable(Exception):
@@ -62,6 +72,10 @@ def hint(kind: str, d: Decoding) -> str:
         "label": f"the samples have no integer .{d.label_key} member; set data.label_key to "
         f"their label member, or data.label_key= (empty) to train unconditionally",
         "undecodable": "the image bytes cannot be decoded; the shards are damaged",
+        "no-latent": "the samples have no latent members (not latent shards, or damaged ones); "
+        "prepare them again with --autoencoder",
+        "latent-shape": "the latents differ from the manifest's latent shape (float16); prepare "
+        "the shards again",
     }.get(kind, "the shards look corrupt")
 
 
@@ -116,6 +130,30 @@ def decode(members: dict[str, bytes], d: Decoding, where: str) -> tuple[np.ndarr
         raise Unusable("undecodable", f"undecodable .{key}: {type(e).__name__}: {e}") from None
     if arr.shape[:2] != (r, r):
         raise Unusable("size", f"image is {arr.shape[1]}x{arr.shape[0]}, not {r}x{r}")
+    label, caption = _label_and_caption(members, d, where)
+    return arr.reshape(r, r, d.channels), label, caption
+
+
+def decode_latent(
+    members: dict[str, bytes], d: Decoding, where: str, flip: bool
+) -> tuple[np.ndarray, int, str]:
+    """-> float16 (c, h, w) latent (of the mirrored image when ``flip``), label, caption."""
+    name = FLIPPED_MEMBER if flip else LATENT_MEMBER
+    if name not in members:
+        raise Unusable("no-latent", f"no .{name} member (has {sorted(members)})")
+    try:  # allow_pickle=False: a .npy member holding objects is refused, never unpickled
+        arr = np.load(io.BytesIO(members[name]), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise Unusable("undecodable", f"unreadable .{name}: {e}") from None
+    if arr.shape != d.latent or arr.dtype != LATENT_DTYPE:
+        raise Unusable(
+            "latent-shape", f".{name} is {arr.dtype} {arr.shape}, not float16 {d.latent}"
+        )
+    label, caption = _label_and_caption(members, d, where)
+    return arr, label, caption
+
+
+def _label_and_caption(members: dict[str, bytes], d: Decoding, where: str) -> tuple[int, str]:
     label = 0
     if d.label_key:
         try:
@@ -130,4 +168,4 @@ def decode(members: dict[str, bytes], d: Decoding, where: str) -> tuple[np.ndarr
     caption = ""
     if d.caption_key and d.caption_key in members:
         caption = members[d.caption_key].decode("utf-8", "replace")
-    return arr.reshape(r, r, d.channels), label, caption
+    return label, caption

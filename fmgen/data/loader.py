@@ -63,6 +63,7 @@ from fmgen.data.stream import (
     worker_init,
 )
 from fmgen.data.urls import shard_name
+from fmgen.models.autoencoder import normalize_latents
 
 log = logging.getLogger("fmgen.data")
 
@@ -107,10 +108,15 @@ class ShardLoader:
         num_classes: classes of the labels when no index or manifest says.
         image_key, label_key, caption_key, fit: see ``fmgen.data.decode`` (label_key "":
             no labels; fmgen's own shards always load with fit "none").
+        latents: latent shards (``prepare --autoencoder``) yield their latents; False: their
+            images (an FID reference reads the pixels of latent shards).
+        mirror: every sample mirrored (the image flipped, or the mirror image's latent).
 
     Yields:
-        images (B, C, H, W) float32 in [-1, 1] (``x / 127.5 - 1`` of the stored uint8),
-        labels (B,) int64, with ``return_keys`` the keys, with ``caption_key`` the captions.
+        images (B, C, H, W) float32 in [-1, 1] (``x / 127.5 - 1`` of the stored uint8), or of
+        latent shards the latents (B, c, h, w) in the model's space (normalized per channel
+        with the manifest's statistics), labels (B,) int64, with ``return_keys`` the keys,
+        with ``caption_key`` the captions.
     """
 
     def __init__(
@@ -138,6 +144,8 @@ class ShardLoader:
         label_key: str = "cls",
         caption_key: str = "",
         fit: str = "center-crop",
+        latents: bool = True,
+        mirror: bool = False,
     ):
         r0, w0 = _default_rank_world()
         rank = r0 if rank is None else rank
@@ -160,6 +168,7 @@ class ShardLoader:
             raise DataError(f"fit {fit!r} is not one of {', '.join(FITS)} (data.fit)")
         self.manifest: Manifest | None = None
         self.index: ShardIndex | None = None
+        self._latent_stats: tuple[Tensor, Tensor] | None = None
         if webdataset:
             locations, counts, info = resolve_webdataset(source, manifest)
             decoding, names = self._webdataset_decoding(
@@ -171,8 +180,13 @@ class ShardLoader:
             locations, counts = [str(p) for p in paths], self._counts(paths)
             m = self.manifest
             names = list(m.class_names)
+            latent = m.latent if latents else None
             decoding = Decoding(m.resolution, m.channels, m.num_classes, image_key=m.image_format,
-                                caption_key=caption_key, fit="none")  # fmt: skip
+                                caption_key=caption_key, fit="none",
+                                latent=tuple(latent["shape"]) if latent else ())  # fmt: skip
+            if latent:  # yielded in the model's space: (raw - mean) / std per channel
+                self._latent_stats = (torch.tensor(latent["mean"]).view(1, -1, 1, 1),
+                                      torch.tensor(latent["std"]).view(1, -1, 1, 1))  # fmt: skip
         self._class_names = names
         lanes = max(1, num_workers)
         streams = world_size * lanes
@@ -208,6 +222,7 @@ class ShardLoader:
             hflip=hflip,
             drop_last=drop_last,
             return_keys=return_keys,
+            mirror=mirror,
             lane_samples=math.ceil(per_rank / lanes) * batch_size,
             corrupt_limit=max(1000, 2 * nominal),
             empty_limit=max(20, 2 * len(locations)),
@@ -226,7 +241,9 @@ class ShardLoader:
         sample without the default ``cls`` member means no labels (unconditional).
         """
         if resolution is None or channels is None:
-            raise DataError("reading WebDataset shards needs the resolution and channels to load at")
+            raise DataError(
+                "reading WebDataset shards needs the resolution and channels to load at"
+            )
         if isinstance(info, ShardIndex):
             self.index = info
             image_key = image_key or info.image_key
@@ -275,6 +292,11 @@ class ShardLoader:
         return list(self._class_names)
 
     @property
+    def latents(self) -> dict[str, Any] | None:
+        """The manifest's latent section when the loader yields latents (else None)."""
+        return self.manifest.latent if self._latent_stats is not None and self.manifest else None
+
+    @property
     def batches_per_epoch(self) -> int | None:
         """Resampled mode: batches this rank yields per epoch (epoch mode: None, data-dependent)."""
         return (
@@ -311,6 +333,7 @@ class ShardLoader:
             "hflip",
             "drop_last",
             "lane_samples",
+            "mirror",
         )
         return {
             "shards": [shard_name(p) for p in s.shards],  # a moved folder or new host still resumes
@@ -363,6 +386,14 @@ class ShardLoader:
         if not self._spec.resampled:
             self._start_epoch(self.epoch + 1)
 
+    def _inputs(self, images: Any) -> Tensor:
+        """A lane's uint8 (B, H, W, C) images -> (B, C, H, W) in [-1, 1]; its float16 latents
+        (B, c, h, w) -> float32 in the model's space."""
+        if self._latent_stats is not None:
+            mean, std = self._latent_stats
+            return normalize_latents(torch.from_numpy(images).float(), mean, std)
+        return to_float(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+
     def _stream(self) -> Iterator[tuple[Tensor, ...]]:
         spec, lanes = self._spec, self._spec.lanes
         start = tuple(self._lanes)
@@ -386,8 +417,7 @@ class ShardLoader:
                 self._skipped_live[it.lane] = it.skipped
                 self._next_lane = (it.lane + 1) % lanes
                 if it.kind == "batch":
-                    x = torch.from_numpy(it.images).permute(0, 3, 1, 2).contiguous()  # type: ignore[arg-type]
-                    x, y = to_float(x), torch.from_numpy(it.labels)  # (B, C, H, W) in [-1, 1], (B,)
+                    x, y = self._inputs(it.images), torch.from_numpy(it.labels)  # type: ignore[arg-type]
                     extra = ([it.keys] if spec.return_keys else []) + (
                         [it.captions] if spec.decoding.caption_key else []
                     )

@@ -6,6 +6,9 @@ on the main process, then opens either
 - ``InMemoryData`` (``data.in_memory: true``): every rank holds the whole (small) data set and
   takes its slice of one seeded GLOBAL permutation, so the images of a step do not depend on
   the number of processes; 1 and N processes then see the same global batches.
+
+Latent shards (``prepare --autoencoder``) stream latents in the model's space; both feeds expose
+the manifest's latent section (``latents``), from which the training builds its autoencoder stage.
 """
 
 from __future__ import annotations
@@ -57,8 +60,10 @@ def _foreign_shards(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.lower().endswith(SHARD_SUFFIXES))
 
 
-def ensure_shards(cfg: DataConfig) -> Path:
-    """Prepare the shards named by the config if their manifest is missing; return the folder."""
+def ensure_shards(cfg: DataConfig, autoencoder: str = "") -> Path:
+    """Prepare the shards named by the config if their manifest is missing; return the folder.
+
+    ``autoencoder`` (``model.autoencoder``): missing shards are prepared as latent shards."""
     folder = Path(cfg.path)
     if (folder / "manifest.json").is_file():
         kind = read_manifest(folder).source.get("kind")
@@ -87,15 +92,15 @@ def ensure_shards(cfg: DataConfig) -> Path:
             f"data.source={cfg.source!r} needs data.source_path (the folder or data set name)"
         )
     log.info("preparing %s shards in %s", cfg.source, folder)
-    prepare(
-        cfg.source,
-        folder,
-        resolution=cfg.resolution,
-        channels=cfg.channels,
-        source_path=cfg.source_path or None,
-        image_column=cfg.image_column,
-        label_column=cfg.label_column or None,
-    )
+    options = dict(resolution=cfg.resolution, channels=cfg.channels,
+                   source_path=cfg.source_path or None, image_column=cfg.image_column,
+                   label_column=cfg.label_column or None)  # fmt: skip
+    if autoencoder:
+        from fmgen.data.latents import prepare_latents
+
+        prepare_latents(cfg.source, folder, autoencoder=autoencoder, **options)
+    else:
+        prepare(cfg.source, folder, **options)
     return folder
 
 
@@ -103,13 +108,18 @@ class InMemoryData:
     """All samples in memory; step k of epoch e uses global batch k of a (seed, e) permutation.
 
     Args:
-        images: (N, C, H, W) float32 in [-1, 1]; labels: (N,) int64.
+        images: (N, C, H, W) float32 in [-1, 1] (or latents); labels: (N,) int64.
         batch_size: per-process batch; the global batch is batch_size x world_size.
+        mirrored: the samples of mirror images, for flips (latents: the mirror image's latent,
+            which is not the flipped latent); None: ``images`` flipped.
+        latents: the manifest's latent section of latent shards (None: images).
     """
 
     def __init__(self, images: Tensor, labels: Tensor, class_names: list[str], *, batch_size: int,
-                 rank: int, world_size: int, seed: int, hflip: bool):  # fmt: skip
+                 rank: int, world_size: int, seed: int, hflip: bool, mirrored: Tensor | None = None,
+                 latents: dict[str, Any] | None = None):  # fmt: skip
         self.images, self.labels, self.class_names = images, labels, class_names
+        self.mirrored, self.latents = mirrored, latents
         self.num_classes = len(class_names)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.hflip = seed, hflip
@@ -139,7 +149,8 @@ class InMemoryData:
                 idx = perm[start : start + self.batch_size]
                 x = self.images[idx]
                 if self.hflip:
-                    x = torch.where(flips[idx, None, None, None], x.flip(-1), x)
+                    m = self.mirrored[idx] if self.mirrored is not None else x.flip(-1)
+                    x = torch.where(flips[idx, None, None, None], m, x)
                 self.batch_in_epoch += 1
                 yield x, self.labels[idx]
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -155,6 +166,10 @@ class StreamData:
     @property
     def skipped(self) -> int:
         return self.loader.skipped
+
+    @property
+    def latents(self) -> dict[str, Any] | None:
+        return self.loader.latents
 
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
@@ -178,11 +193,12 @@ def shard_loader(cfg: DataConfig, batch_size: int, **options: Any) -> ShardLoade
     return ShardLoader(Path(cfg.path), batch_size, caption_key=cfg.caption_key, **options)
 
 
-def read_all(source: Path | DataConfig) -> tuple[Tensor, Tensor]:
+def read_all(source: Path | DataConfig, *, mirror: bool = False) -> tuple[Tensor, Tensor]:
     """Every sample of a shard folder (or the config's shards), in shard order:
-    (N, C, H, W) in [-1, 1], (N,)."""
+    (N, C, H, W) in [-1, 1] (latent shards: latents in the model's space), (N,).
+    ``mirror``: of the mirror images."""
     # rank 0 of 1 explicitly: the default would take this process's share of a process group
-    options = dict(rank=0, world_size=1, resampled=False, shuffle_buffer=0, seed=0)
+    options = dict(rank=0, world_size=1, resampled=False, shuffle_buffer=0, seed=0, mirror=mirror)
     if isinstance(source, DataConfig):
         loader = shard_loader(replace(source, caption_key=""), 1024, **options)
     else:
@@ -193,12 +209,13 @@ def read_all(source: Path | DataConfig) -> tuple[Tensor, Tensor]:
 
 def open_train_data(
     cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int, main: bool,
-    barrier: Callable[[], None],
+    barrier: Callable[[], None], autoencoder: str = "",
 ) -> InMemoryData | StreamData:  # fmt: skip
-    """The training stream of one rank; the main process prepares missing shards first."""
+    """The training stream of one rank; the main process prepares missing shards first (latent
+    shards when ``autoencoder``, the config's ``model.autoencoder``, is given)."""
     if cfg.source != "webdataset":
         if main:
-            ensure_shards(cfg)
+            ensure_shards(cfg, autoencoder)
         barrier()
         folder = Path(cfg.path)
         manifest = read_manifest(folder)
@@ -224,6 +241,8 @@ def open_train_data(
     )
     if cfg.in_memory:
         images, labels = read_all(cfg)
+        mirrored = read_all(cfg, mirror=True)[0] if cfg.hflip and loader.latents else None
         return InMemoryData(images, labels, loader.class_names, batch_size=batch_size, rank=rank,
-                            world_size=world_size, seed=seed, hflip=cfg.hflip)  # fmt: skip
+                            world_size=world_size, seed=seed, hflip=cfg.hflip, mirrored=mirrored,
+                            latents=loader.latents)  # fmt: skip
     return StreamData(loader)

@@ -69,7 +69,9 @@ def reference_images(
                                cache_dir, loader.num_classes, loader)  # fmt: skip
     folder = Path(data.path) if isinstance(data, DataConfig) else Path(data)
     m = read_manifest(folder)
-    loader = ShardLoader(folder, batch_size=batch, **one_pass)
+    loader = ShardLoader(
+        folder, batch_size=batch, latents=False, **one_pass
+    )  # latent shards: pixels
     return ReferenceImages(str(folder), (m.channels, m.resolution, m.resolution),
                            file_hash(folder / MANIFEST), folder / "fid-cache", m.num_classes,
                            loader)  # fmt: skip

@@ -23,6 +23,12 @@ classes). Each sample is three tar members sharing a key (its index in the sourc
                "source_samples": 1797, "unreadable": 0},
      "source": {"kind": "digits", ...}}
 
+Latent shards (``prepare --autoencoder``, ``fmgen.data.latents``) add two members per sample,
+``KEY.latent.npy`` and ``KEY.latent_flip.npy`` (float16, the latents of the image and of its
+mirror image), and a ``"latent"`` section to the manifest: the latent shape, the per-channel
+mean and std of the stored latents, and the autoencoder's path, hash and factors. They keep
+the image, so FID references and the pixel resolution read as from any shards.
+
 ``fmgen.data.sources`` turns data sets into ``Example`` s (``prepare``); ``fmgen.data`` streams shards.
 """
 
@@ -80,6 +86,7 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     jpeg_quality: int | None = None
     root: Path | None = None  # the folder the manifest was read from / written to
+    latent: dict[str, Any] | None = None  # latent shards: shape, mean, std, autoencoder
 
     @property
     def num_classes(self) -> int:
@@ -117,6 +124,7 @@ class Manifest:
             ],
             "split": self.split,
             "source": self.source,
+            **({"latent": self.latent} if self.latent is not None else {}),
         }
 
     @classmethod
@@ -149,6 +157,7 @@ class Manifest:
                 split=dict(d.get("split", {})),
                 source=dict(d.get("source", {})),
                 root=root,
+                latent=dict(d["latent"]) if d.get("latent") is not None else None,
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise DataError(
@@ -231,7 +240,7 @@ def _same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a.get(k) == b.get(k) for k in ("kind", "path"))
 
 
-def _files_to_replace(
+def files_to_replace(
     out: Path, overwrite: bool, source: dict[str, Any] | None = None
 ) -> list[Path]:
     """The files of an earlier ``write_shards`` into ``out``: its manifest and the shards it lists.
@@ -275,12 +284,12 @@ def _files_to_replace(
     return listed
 
 
-def _temp_name(name: str) -> str:
+def temp_name(name: str) -> str:
     """Where shard ``name`` is written until the whole set is complete: hidden, not ``*.tar``."""
     return f".{name}.tmp"
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make renames in ``folder`` durable (a crash after it cannot undo them)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -289,7 +298,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes) -> None:
     """``path`` holds ``data`` completely or keeps what it held: a synced temporary, renamed."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -297,16 +306,16 @@ def _write_durably(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-class _Shard:
+class ShardFile:
     """One shard being written under its temporary name; counts samples, bytes and labels."""
 
     def __init__(self, out: Path, name: str):
         import webdataset as wds
 
-        self.name, self.temp = name, out / _temp_name(name)
+        self.name, self.temp = name, out / temp_name(name)
         self.file = open(self.temp, "wb")  # closed in finish or discard
         # webdataset's ShardWriter opens its files from a name pattern and closes them itself,
         # so it can neither write to a temporary name nor sync before a rename: one TarWriter
@@ -394,7 +403,7 @@ def write_shards(
     if samples_per_shard < 1 or max_shard_bytes < 1:
         raise DataError("samples per shard and max shard size must be positive")
     out.mkdir(parents=True, exist_ok=True)
-    old = _files_to_replace(out, overwrite, source)  # refused now, before any work
+    old = files_to_replace(out, overwrite, source)  # refused now, before any work
     stale = re.compile(rf"\.{re.escape(prefix)}-\d{{6}}\.tar\.tmp")
     for p in out.iterdir():  # left by an interrupted write: fmgen's by their name
         if stale.fullmatch(p.name):
@@ -404,7 +413,7 @@ def write_shards(
     split_name = (split or {}).get("name", prefix)
     unreadable: list[tuple[int, str]] = []  # (id, origin)
     done: list[ShardInfo] = []
-    shard: _Shard | None = None
+    shard: ShardFile | None = None
     try:
         for ex in examples:
             if isinstance(ex, Skipped):
@@ -432,7 +441,7 @@ def write_shards(
             if shard is None or shard.count >= samples_per_shard or shard.bytes >= max_shard_bytes:
                 if shard is not None:
                     done.append(shard.finish())
-                shard = _Shard(out, f"{prefix}-{len(done):06d}.tar")
+                shard = ShardFile(out, f"{prefix}-{len(done):06d}.tar")
             shard.write(sample, ex.label)
             per_class[ex.label] += 1
         if shard is not None:
@@ -442,7 +451,7 @@ def write_shards(
         if shard is not None:
             shard.discard()
         for s in done:
-            (out / _temp_name(s.name)).unlink(missing_ok=True)
+            (out / temp_name(s.name)).unlink(missing_ok=True)
         raise
     if not done:
         raise DataError(f"no samples to write to {out}: the source (or its split) is empty")
@@ -452,11 +461,11 @@ def write_shards(
         if p.name == MANIFEST:
             p.unlink(missing_ok=True)
     for s in done:
-        os.replace(out / _temp_name(s.name), out / s.name)
+        os.replace(out / temp_name(s.name), out / s.name)
     for p in old:
         if p.name != MANIFEST and p.name not in new:
             p.unlink(missing_ok=True)
-    _fsync_dir(out)
+    fsync_dir(out)
     first, last = (n[len(prefix) + 1 : -len(".tar")] for n in (done[0].name, done[-1].name))
     split_info = dict(split or {"name": prefix})
     split_info["unreadable"] = len(unreadable)
@@ -478,5 +487,10 @@ def write_shards(
         source=source or {},
         root=out,
     )
-    _write_durably(out / MANIFEST, _manifest_text(manifest.to_json()).encode())
+    write_manifest(manifest, out)
     return manifest
+
+
+def write_manifest(manifest: Manifest, out: Path) -> None:
+    """``out/manifest.json``, atomically: the last file of a prepared folder."""
+    write_durably(out / MANIFEST, _manifest_text(manifest.to_json()).encode())

@@ -439,6 +439,13 @@ def summary_lines(m: Manifest, max_classes: int = 20) -> list[str]:
         f"{m.split.get('name')} split) to {m.root}: {m.pattern} ({len(m.shards)} shards) "
         f"+ manifest.json"
     ]
+    if m.latent is not None:
+        a = m.latent["autoencoder"]
+        lines.append(
+            f"latents: {'x'.join(map(str, m.latent['shape']))} float16 (and of the mirror images) "
+            f"from the autoencoder {a['path']} (hash {a['hash']}); per-channel mean "
+            f"{[round(v, 4) for v in m.latent['mean']]}, std {[round(v, 4) for v in m.latent['std']]}"
+        )
     unreadable = int(m.split.get("unreadable", 0))
     if unreadable:
         shown = list(m.split.get("unreadable_examples", []))[:5]

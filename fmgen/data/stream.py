@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fmgen.data.decode import Decoding, Unusable, decode, hint
+from fmgen.data.decode import LATENT_DTYPE, Decoding, Unusable, decode, decode_latent, hint
 from fmgen.data.shards import DataError
 from fmgen.data.urls import discard, open_shard, start_shard
 
@@ -61,6 +61,7 @@ class LaneSpec:
     lane_samples: int  # resampled mode: samples a lane reads per epoch
     corrupt_limit: int  # consecutive unusable samples before giving up
     empty_limit: int  # shards in a row that yield no sample (unreadable, failed downloads)
+    mirror: bool = False  # every sample mirrored (the flipped half of an in-memory latent set)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class LaneItem(NamedTuple):
     # uint8 numpy, not float tensors: through the worker pipe a pickled uint8 array costs about
     # 0.5 ms per 128x3x32x32 batch, a float32 shared-memory tensor about 4 ms (measured);
     # ShardLoader scales it to [-1, 1] in the main process.
-    images: np.ndarray | None  # (B, H, W, C) uint8
+    images: np.ndarray | None  # (B, H, W, C) uint8; latent shards: (B, c, h, w) float16
     labels: np.ndarray | None  # (B,) int64
     keys: list[str] | None
     captions: list[str] | None
@@ -284,7 +285,7 @@ def _epoch_samples(
     flips = random.Random(_seed(spec.seed, epoch, spec.rank, lane, _FLIPS))
     buffer = random.Random(_seed(spec.seed, epoch, spec.rank, lane, _BUFFER))
     for key, members, path in _shuffled(raw, buffer, spec.shuffle_buffer):
-        flip = spec.hflip and flips.random() < 0.5
+        flip = spec.mirror or (spec.hflip and flips.random() < 0.5)
         cursor += 1
         if cursor > skip:
             yield cursor, key, members, path, flip
@@ -297,7 +298,11 @@ def _lane_batches(
     end of the epoch, then an "end" item."""
     d = spec.decoding
     B, r, c = spec.batch_size, d.resolution, d.channels
-    images, labels = np.empty((B, r, r, c), np.uint8), np.empty(B, np.int64)
+    if d.latent:
+        images = np.empty((B, *d.latent), LATENT_DTYPE)
+    else:
+        images = np.empty((B, r, r, c), np.uint8)
+    labels = np.empty(B, np.int64)
     keys: list[str] = []
     captions: list[str] = []
     n = bad = used = 0
@@ -320,7 +325,11 @@ def _lane_batches(
         skip = start.cursor if epoch == start.epoch else 0
         for cursor, key, members, path, flip in _epoch_samples(spec, lane, epoch, skip, skips):
             try:
-                arr, labels[n], caption = decode(members, d, f"{key} of {path}")
+                if d.latent:  # the mirror image's own latent: a flipped latent is not one
+                    arr, labels[n], caption = decode_latent(members, d, f"{key} of {path}", flip)
+                else:
+                    arr, labels[n], caption = decode(members, d, f"{key} of {path}")
+                    arr = arr[:, ::-1] if flip else arr
             except Unusable as e:
                 skips.add(f"{key} of {path}", str(e))
                 bad += 1
@@ -335,7 +344,7 @@ def _lane_batches(
                     ) from None
                 continue
             bad, used = 0, used + 1
-            images[n] = arr[:, ::-1] if flip else arr
+            images[n] = arr
             if spec.return_keys:
                 keys.append(key)
             if d.caption_key:

@@ -10,6 +10,9 @@ from fmgen.models.autoencoder import (
     Autoencoder,
     AutoencoderError,
     IdentityAutoencoder,
+    KLAutoencoder,
+    autoencoder_for_data,
+    autoencoder_from_dict,
     build_autoencoder,
 )
 from fmgen.models.backbones import BACKBONES, BackboneSpec, get_backbone, register_backbone
@@ -41,8 +44,11 @@ __all__ = [
     "Conditioning",
     "FlowModel",
     "IdentityAutoencoder",
+    "KLAutoencoder",
     "LoadedModel",
     "Unconditional",
+    "autoencoder_for_data",
+    "autoencoder_from_dict",
     "build_autoencoder",
     "build_conditioning",
     "build_model",

@@ -15,6 +15,8 @@ Layout of a run directory::
         fmgen_manifest.json             sha256 and size of every file above, written last
     RUN_DIR/checkpoints/latest          name of the newest COMPLETE checkpoint
     RUN_DIR/export/backbone/            diffusers save_pretrained of the EMA backbone
+    RUN_DIR/export/autoencoder/         latent models: the VAE's config and weights, copied
+                                        byte for byte (the hash fmgen.json records)
     RUN_DIR/export/fmgen.json           backbone type and class, prediction type, conditioning,
                                         autoencoder stage, path, classes, config
     RUN_DIR/export/model_index.json     the diffusers pipeline index (fmgen.pipeline.FlowPipeline)
@@ -462,6 +464,7 @@ def export_model(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
+        autoencoder.export(tmp / "autoencoder")  # latent models: the VAE (identity: nothing)
         write_durable(tmp / "fmgen.json", json.dumps(meta, indent=2))
         write_pipeline_files(tmp, model.backbone)
         write_manifest(tmp)
@@ -514,7 +517,8 @@ def assemble_export(src: Path, meta: dict[str, Any], backbone: nn.Module,
                       conditioning=conditioning_from_dict(meta["conditioning"]),
                       sample_shape=tuple(meta["sample_shape"]))  # fmt: skip
     model = model.eval() if device is None else model.to(device).eval()
-    return LoadedModel(model, make_path(cfg), autoencoder_from_dict(meta["autoencoder"]), cfg,
+    stage = autoencoder_from_dict(meta["autoencoder"], src / "autoencoder")  # the export's copy
+    return LoadedModel(model, make_path(cfg), stage, cfg,
                        meta["class_names"], meta["step"], "ema", str(src))  # fmt: skip
 
 
@@ -582,7 +586,9 @@ def load_model(
     extra = read_checkpoint_extra(ckpt)
     cfg = _config_of(extra["config"], ckpt, ckpt.parent.parent)
     class_names = extra["class_names"]
-    autoencoder = build_autoencoder(cfg)
+    # the stage with the data's statistics, as trained (checkpoints of pixel models: identity)
+    recorded = extra.get("autoencoder")
+    autoencoder = autoencoder_from_dict(recorded) if recorded else build_autoencoder(cfg)
     model = build_model(cfg, build_conditioning(cfg, len(class_names)), autoencoder)
     if weights == "ema":
         params = list(model.parameters())

@@ -145,7 +145,7 @@ def set_rng_states(
 def save_checkpoint(
     accelerator: Any, final: Path, *, model: torch.nn.Module, optimizer: Any, ema: Any,
     generator: torch.Generator, state: dict[str, Any], cfg: Config, class_names: list[str],
-    data_state: dict[str, Any], keep: int,
+    data_state: dict[str, Any], keep: int, autoencoder: dict[str, Any] | None = None,
 ) -> Path:  # fmt: skip
     """Write a checkpoint: every rank its RNG states and data position, the main process the
     rest; then the manifest, the rename into place, ``latest``, pruning.
@@ -165,8 +165,10 @@ def save_checkpoint(
         ema_state = ema.state_dict()
         shadow = {f"shadow_params.{i}": p for i, p in enumerate(ema_state.pop("shadow_params"))}
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        # the autoencoder stage with its latent statistics: what sampling a checkpoint decodes with
         extra = {"format": CHECKPOINT_FORMAT, "config": to_dict(cfg), "class_names": class_names,
-                 "ema": ema_state, "optimizer": opt_meta, "scaler": scaler}  # fmt: skip
+                 "ema": ema_state, "optimizer": opt_meta, "scaler": scaler,
+                 "autoencoder": autoencoder}  # fmt: skip
         summary = {**state, "world_size": accelerator.num_processes, "checkpoint": final.name}
         blobs.update({
             MODEL_FILE: _tensors(model.state_dict()), EMA_FILE: _tensors(shadow),
@@ -257,11 +259,18 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
 
 def restore_checkpoint(
     ckpt: Path, accelerator: Any, *, cfg: Config, model: torch.nn.Module, optimizer: Any,
-    ema: Any, generator: torch.Generator, data: Any,
+    ema: Any, generator: torch.Generator, data: Any, autoencoder: Any = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Load a verified checkpoint (``find_checkpoint``) into the run; returns the train state."""
     extra = read_checkpoint_extra(ckpt)
     check_resumable(cfg, extra["config"], ckpt)  # a clear message, not a size mismatch
+    saved_ae = (extra.get("autoencoder") or {}).get("hash", "identity")
+    if autoencoder is not None and saved_ae != autoencoder.hash:
+        raise CheckpointError(
+            f"cannot resume from {ckpt}: it was trained with the autoencoder of hash {saved_ae}, "
+            f"model.autoencoder now has hash {autoencoder.hash}; restore that VAE or train into "
+            f"a new train.run_dir"
+        )
     rank = accelerator.process_index
     rank_tensors, rank_json = rank_files(rank)
     listed = read_manifest(ckpt)
@@ -295,14 +304,12 @@ def check_resumable(cfg: Config, saved: dict[str, Any], ckpt: Path) -> None:
     """Model, path, data shape and batch must match the checkpoint's; other settings may change."""
     now, defaults = to_dict(cfg), to_dict(Config())
     for section in ("model", "path"):
-        # options added since the checkpoint was written (e.g. model.dit) have their defaults
-        saved = {**saved, section: {**defaults[section], **saved[section]}}
-        if now[section] != saved[section]:
-            diff = {
-                k: (saved[section].get(k), v)
-                for k, v in now[section].items()
-                if saved[section].get(k) != v
-            }
+        # a key newer than the checkpoint (e.g. model.autoencoder) counts as its default
+        was = {**defaults[section], **saved[section]}
+        # model.autoencoder is a path: the VAE may move; its hash is checked instead
+        diff = {k: (was.get(k), v) for k, v in now[section].items()
+                if was.get(k) != v and k != "autoencoder"}  # fmt: skip
+        if diff:
             raise CheckpointError(
                 f"cannot resume from {ckpt}: {section} settings differ from the checkpoint's "
                 f"(key: (checkpoint, now)) {diff}; use the checkpoint's config or a new train.run_dir"

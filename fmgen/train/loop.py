@@ -36,7 +36,7 @@ from fmgen.models import (
     Autoencoder,
     Conditioning,
     FlowModel,
-    build_autoencoder,
+    autoencoder_for_data,
     build_conditioning,
     build_model,
     check_model_config,
@@ -203,14 +203,16 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
         seed=cfg.train.seed,
         main=main,
         barrier=accelerator.wait_for_everyone,
+        autoencoder=cfg.model.autoencoder,
     )
     class_names = data.class_names
+    # pixels, or the VAE with the latent shards' statistics (shards of another VAE are refused)
+    autoencoder = autoencoder_for_data(cfg, data.latents, str(cfg.data.path))
 
     # --- model, EMA, optimizer ---
     path = make_path(cfg)
     loss_fn = get_loss(cfg.loss.name)
     loss_kwargs = {"weighting": cfg.loss.weighting} if cfg.loss.name == "dsm" else {}
-    autoencoder = build_autoencoder(cfg)
     conditioning = build_conditioning(cfg, data.num_classes)
     model = build_model(cfg, conditioning, autoencoder).to(device)
     if cfg.train.channels_last:
@@ -239,7 +241,7 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
     ckpt = find_checkpoint(run_dir, resume, quiet=not main)  # verified against its checksums
     if ckpt is not None:
         saved = restore_checkpoint(ckpt, accelerator, cfg=cfg, model=model, optimizer=optimizer,
-                                   ema=ema, generator=gen, data=data)  # fmt: skip
+                                   ema=ema, generator=gen, data=data, autoencoder=autoencoder)  # fmt: skip
         state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState)})
         log.info("resumed from %s at step %d (%d images)", ckpt, state.step, state.images)
 
@@ -398,7 +400,7 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                     accelerator, ckpt_root / checkpoint_name(state.step), model=model,
                     optimizer=optimizer, ema=ema, generator=gen, state=asdict(state), cfg=cfg,
                     class_names=class_names, data_state=data.state_dict(),
-                    keep=cfg.train.keep_checkpoints,
+                    keep=cfg.train.keep_checkpoints, autoencoder=autoencoder.to_dict(),
                 )  # fmt: skip
             if stopping:
                 log.warning(
