@@ -6,8 +6,9 @@ Writes ``nfe_sweep.csv``, ``nfe_sweep.md`` and ``nfe_sweep.png`` (FID vs NFE, on
 sampler) into --out (default: <checkpoint>/nfe-sweep) and prints the table. Every FID uses the
 same reference statistics, samples, labels and seed; only the solver and its steps change.
 NFE is ``fmgen.nfe``, the count FID records use: network calls per sample (guidance doubles
-the batch of a call, not the count). ``--time-grid
-edm`` spaces the steps as in EDM (Karras et al.); run it once per grid to compare them.
+the batch of a call, not the count). ``--time-grids`` takes several grids (uniform in t, EDM's
+rho-spaced noise levels, uniform in log-SNR); every sampler runs on each. The last line names
+the best (sampler, grid) at NFE <= 10 next to Heun on the uniform grid at NFE <= 20.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from fmgen import TIME_GRIDS, nfe
+from fmgen import SAMPLERS, TIME_GRIDS, nfe
 
 
-def steps_for(sampler: str, budget: int) -> int:
+def steps_for(sampler: str, budget: int, final_step: str) -> int:
     """The most steps whose NFE fits the budget (at least 1), by fmgen's one NFE definition."""
     s = 1
-    while nfe(sampler, s + 1) <= budget:
+    while nfe(sampler, s + 1, final_step=final_step) <= budget:
         s += 1
     return s
 
@@ -34,8 +35,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--checkpoint", required=True, help="run folder, checkpoint or exported model")
-    p.add_argument("--samplers", default="euler,heun,rk4,sde")
-    p.add_argument("--nfe", default="4,8,16,32,64", help="NFE budgets")
+    p.add_argument("--samplers", default=",".join(SAMPLERS), help="default: every sampler")
+    p.add_argument("--nfe", default="4,6,8,10,20,40", help="NFE budgets")
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument(
         "--feature-network",
@@ -45,14 +46,18 @@ def main() -> None:
     p.add_argument("--inception-weights", default="")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument(
-        "--time-grid",
-        choices=TIME_GRIDS,
-        default=None,
-        help="uniform in t or EDM spacing in sigma (default: the checkpoint config's)",
+        "--time-grids",
+        default=",".join(TIME_GRIDS),
+        help=f"comma-separated, of {', '.join(TIME_GRIDS)} (default: all)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    grids = args.time_grids.split(",")
+    for name in [*grids, *args.samplers.split(",")]:
+        if name not in (*TIME_GRIDS, *SAMPLERS):
+            p.error(f"{name!r} is no time grid ({', '.join(TIME_GRIDS)}) or sampler "
+                    f"({', '.join(SAMPLERS)})")  # fmt: skip
 
     from fmgen.config import sampling_spec
     from fmgen.eval import feature_spec, fid_against_reference, generate
@@ -63,14 +68,15 @@ def main() -> None:
     net_name = args.feature_network or cfg.eval.feature_network
     features = feature_spec(net_name, resolution=cfg.data.resolution, channels=cfg.data.channels,
                         inception_weights=args.inception_weights, cache_dir=Path(cfg.train.run_dir) / "cache")  # fmt: skip
-    base = sampling_spec(cfg).replace(guidance=args.guidance, grid=args.time_grid)
+    base = sampling_spec(cfg).replace(guidance=args.guidance)
     labels = torch.arange(args.num_samples) % model.num_classes if model.conditional else None
     out = Path(args.out) if args.out else Path(loaded.source) / "nfe-sweep"
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for sampler in args.samplers.split(","):
+    for sampler, grid in ((s, g) for s in args.samplers.split(",") for g in grids):
         for budget in (int(b) for b in args.nfe.split(",")):
-            spec = base.replace(sampler=sampler, steps=steps_for(sampler, budget))
+            steps = steps_for(sampler, budget, base.final_step)
+            spec = base.replace(sampler=sampler, grid=grid, steps=steps)
             images = generate(model, loaded.path, spec, num=args.num_samples, cond=labels, seed=args.seed,
                               device=next(model.parameters()).device, autoencoder=loaded.autoencoder)  # fmt: skip
             fid, ref = fid_against_reference(images, data_dir=Path(cfg.data.path), spec=features,
@@ -78,13 +84,14 @@ def main() -> None:
             rows.append(
                 {
                     "sampler": sampler,
+                    "grid": grid,
                     "steps": spec.steps,
                     "nfe": spec.nfe,
                     "fid": round(fid, 4),
                 }
             )
             print(
-                f"{sampler:>6} steps {spec.steps:>3} NFE {rows[-1]['nfe']:>3}  FID {fid:9.4f}",
+                f"{sampler:>8} {grid:>7} steps {spec.steps:>3} NFE {rows[-1]['nfe']:>3}  FID {fid:9.4f}",
                 flush=True,
             )
     with open(out / "nfe_sweep.csv", "w", newline="") as f:
@@ -92,9 +99,17 @@ def main() -> None:
         w.writeheader()
         w.writerows(rows)
     header = (f"FID ({features.name} features, {args.num_samples} samples vs {ref['num_reference']} reference, "
-              f"{base.grid} time grid, guidance {base.guidance}, {loaded.weights} weights, step {loaded.step})")  # fmt: skip
-    md = [header, "", "| sampler | steps | NFE | FID |", "| --- | --- | --- | --- |"]
-    md += [f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']} |" for r in rows]
+              f"final step {base.final_step}, guidance {base.guidance}, {loaded.weights} weights, step {loaded.step})")  # fmt: skip
+    md = [header, "", "| sampler | grid | steps | NFE | FID |", "| --- | --- | --- | --- | --- |"]
+    md += [
+        f"| {r['sampler']} | {r['grid']} | {r['steps']} | {r['nfe']} | {r['fid']} |" for r in rows
+    ]
+    few = [r for r in rows if r["nfe"] <= 10]
+    heun = [r for r in rows if (r["sampler"], r["grid"]) == ("heun", "uniform") and r["nfe"] <= 20]
+    if few and heun:
+        best, ref20 = min(few, key=lambda r: r["fid"]), max(heun, key=lambda r: r["nfe"])
+        md += ["", f"best at NFE <= 10: {best['sampler']}/{best['grid']} NFE {best['nfe']} FID "
+                   f"{best['fid']}; heun/uniform NFE {ref20['nfe']} FID {ref20['fid']}"]  # fmt: skip
     (out / "nfe_sweep.md").write_text("\n".join(md) + "\n")
     import matplotlib
 
@@ -102,15 +117,15 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for sampler in dict.fromkeys(r["sampler"] for r in rows):
-        pts = [(r["nfe"], r["fid"]) for r in rows if r["sampler"] == sampler]
-        ax.plot(*zip(*pts, strict=True), marker="o", label=sampler)
+    for sampler, grid in dict.fromkeys((r["sampler"], r["grid"]) for r in rows):
+        pts = [(r["nfe"], r["fid"]) for r in rows if (r["sampler"], r["grid"]) == (sampler, grid)]
+        ax.plot(*zip(*pts, strict=True), marker="o", label=f"{sampler}/{grid}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("NFE per sample")
     ax.set_ylabel("FID")
     ax.set_title(f"{features.name} FID vs NFE", fontsize=10)
-    ax.legend()
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "nfe_sweep.png", dpi=120)
     print("\n".join(md))
