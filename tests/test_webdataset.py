@@ -269,8 +269,9 @@ def test_an_index_gives_counts_and_classes_to_training_and_fid(foreign, tmp_path
                         manifest=tmp_path / "idx")  # fmt: skip
     for loader in (by_index, named):
         assert (loader.num_samples, loader.num_classes, loader.batches_per_epoch) == (300, 10, 18)
+    # foreign shards of unknown origin: the digits network must be forced (refused otherwise)
     cfg = webdataset_config(tmp_path / "idx", tmp_path / "run", 2, "eval.fid_every_images=32",
-                            "eval.fid_num_samples=130")  # fmt: skip
+                            "eval.fid_num_samples=130", "eval.force_feature_network=true")  # fmt: skip
     res = train(cfg)
     fid = json.loads(next((res.run_dir / "eval").glob("fid-step*.json")).read_text())
     assert fid["num_reference"] == 300
