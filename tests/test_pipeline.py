@@ -237,3 +237,18 @@ def test_a_registered_backbone_outside_diffusers_loads_as_a_component(tmp_path, 
     spec = p.sampling.replace(steps=3)
     got = p(class_labels=[4, 1], num_inference_steps=3, seed=2, output_type="pt").images
     assert (got * 2 - 1 - fmgen_images(src, spec, [4, 1], seed=2)).abs().max() <= 1e-5
+
+
+def test_every_registered_backbone_is_a_component_diffusers_can_load():
+    """diffusers finds the loading method of a class outside its libraries by looking the base
+    classes up in the module model_index.json names; a module that does not expose ModelMixin
+    exports fine but fails FlowPipeline.from_pretrained (DiT did)."""
+    import importlib
+
+    from fmgen.models.pipeline_files import library_entry
+
+    for name, spec in BACKBONES.items():
+        library, cls_name = library_entry(spec.module_class)
+        module = importlib.import_module(library)
+        assert getattr(module, cls_name) is spec.module_class, name
+        assert issubclass(spec.module_class, getattr(module, "ModelMixin", type(None))), name
