@@ -14,6 +14,7 @@ from PIL import Image
 from test_train import latest, weights
 
 from fmgen.config import load_config
+from fmgen.eval.images import GRID_GAP
 from fmgen.models import ClassLabels, Unconditional, build_model, count_parameters, load_model
 from fmgen.models.dit import DiT, build_dit
 
@@ -56,8 +57,8 @@ def test_dit_resumes_exactly_exports_and_sample_py_writes_a_grid(conditional, sh
                         str(grid)], cwd=ROOT, env=subprocess_env(), capture_output=True,
                        text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    cell = 8 * (64 // 8)  # 8x8 images upscaled x8 in the grid
-    height = Image.open(grid).height
+    cell = 8 * (64 // 8) + GRID_GAP  # 8x8 images upscaled x8 in the grid, cells apart
+    height = Image.open(grid).height + GRID_GAP
     assert height == 10 * cell if conditional else height % cell == 0 and height >= cell
 
 
