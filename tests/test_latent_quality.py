@@ -49,10 +49,12 @@ def train_vae(folder: Path, *, steps: int = 200, batch: int = 64, kl_weight: flo
 
 
 # (config, backbone overrides, images seen): the U-Net of configs/digits.yaml, and the DiT of
-# configs/tiny-dit.yaml on the 4x8x8 latents (patch 2: 16 tokens)
+# configs/tiny-dit.yaml on the 4x8x8 latents (patch 2: 16 tokens). The DiT needs more steps
+# (measured guided accuracy: 0.680 at 200 steps, 0.965 at 300, 0.985 at 400; patch 1, 64
+# tokens, 0.845 at 200 steps for ~4x the compute), so it gets 300 steps of 128
 RUNS = {
     "unet": (DIGITS, ["model.type=unet", "model.unet.block_out_channels=[32,64]"], 25600),
-    "dit": (TINY_DIT, [], 25600),
+    "dit": (TINY_DIT, [], 38400),
 }
 
 
