@@ -97,3 +97,43 @@ def export_tiny(run_dir: Path, *extra: str, seed: int = 0, class_names: int = 10
     export_model(model, cfg, out, autoencoder=IdentityAutoencoder(),
                  class_names=[f"digit {i}" for i in range(class_names)], step=0)  # fmt: skip
     return out
+
+
+def make_vae(folder: Path, seed: int) -> Path:
+    """A tiny AutoencoderKL: 1x16x16 images -> 4x8x8 latents, saved as diffusers saves it."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16)  # fmt: skip
+    vae.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def vae(tmp_path_factory) -> Path:
+    """An untrained tiny VAE, shared by the latent tests (test_latent, test_latent_dit)."""
+    return make_vae(tmp_path_factory.mktemp("vae") / "vae", seed=0)
+
+
+@pytest.fixture(scope="session")
+def latent_shards(vae, tmp_path_factory) -> Path:
+    """The digits at 16x16 as latent shards of ``vae``, encoded once for the session (~15 s)."""
+    from fmgen.data.latents import prepare_latents
+
+    out = tmp_path_factory.mktemp("latent") / "digits-16"
+    prepare_latents("digits", out, autoencoder=vae, resolution=16, channels=1,
+                    samples_per_shard=500, batch_size=100, progress=False)  # fmt: skip
+    return out
+
+
+def tiny_latent(data: Path, vae: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    """Overrides for a tiny deterministic latent run of ``steps`` steps on ``data``'s shards."""
+    return ["data.source=shards", f"data.path={data}", f"model.autoencoder={vae}",
+            "data.resolution=16", "model.unet.block_out_channels=[8,16]", f"train.batch_size={BATCH}",
+            f"train.total_images={steps * BATCH}", f"train.run_dir={run_dir}",
+            "train.checkpoint_every_images=100000", "optim.warmup_images=32", "logging.wandb=false",
+            "eval.report=", "sample.steps=2", "sample.per_class=2", "data.hflip=true",
+            "train.deterministic=true", *extra]  # fmt: skip

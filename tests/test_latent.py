@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DIGITS
+from conftest import DIGITS, make_vae, tiny_latent
 from PIL import Image
 
 import fmgen.data.latents as latents
@@ -23,33 +23,6 @@ from fmgen.data import ShardLoader, read_all, read_manifest
 from fmgen.data.stream import shard_samples, to_float
 from fmgen.models import AutoencoderError, KLAutoencoder, load_model
 from fmgen.models.autoencoder import folder_hash
-
-BATCH = 16
-
-
-def make_vae(folder: Path, seed: int) -> Path:
-    """A tiny AutoencoderKL: 1x16x16 images -> 4x8x8 latents, saved as diffusers saves it."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16)  # fmt: skip
-    vae.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def vae(tmp_path_factory) -> Path:
-    return make_vae(tmp_path_factory.mktemp("vae") / "vae", seed=0)
-
-
-@pytest.fixture(scope="module")
-def latent_shards(vae, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("latent") / "digits-16"
-    latents.prepare_latents("digits", out, autoencoder=vae, resolution=16, channels=1,
-                            samples_per_shard=500, batch_size=100, progress=False)  # fmt: skip
-    return out
 
 
 def stored(folder: Path) -> list[tuple[str, dict[str, bytes]]]:
@@ -212,15 +185,6 @@ def in_ranks(world: int, fn) -> list[BaseException | None]:
     for t in threads:
         t.join(timeout=300)
     return errors
-
-
-def tiny_latent(data: Path, vae: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
-    return ["data.source=shards", f"data.path={data}", f"model.autoencoder={vae}",
-            "data.resolution=16", "model.unet.block_out_channels=[8,16]", f"train.batch_size={BATCH}",
-            f"train.total_images={steps * BATCH}", f"train.run_dir={run_dir}",
-            "train.checkpoint_every_images=100000", "optim.warmup_images=32", "logging.wandb=false",
-            "eval.report=", "sample.steps=2", "sample.per_class=2", "data.hflip=true",
-            "train.deterministic=true", *extra]  # fmt: skip
 
 
 def train(overrides: list[str], resume: str | None = None):

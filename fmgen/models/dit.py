@@ -20,7 +20,12 @@ from __future__ import annotations
 import functools
 
 import torch
-from diffusers import DiTTransformer2DModel
+
+# ModelMixin must be a name of this module: diffusers' pipeline loader finds the loading method
+# of a component outside its libraries by looking its base classes up in the component's module
+# (model_index.json records DiT as ["fmgen.models.dit", "DiT"]); without it FlowPipeline
+# .from_pretrained of a DiT export fails with "cannot be loaded"
+from diffusers import DiTTransformer2DModel, ModelMixin  # noqa: F401
 from diffusers.models.embeddings import LabelEmbedding
 from torch import Tensor, nn
 
