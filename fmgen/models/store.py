@@ -7,6 +7,7 @@ Layout of a run directory::
         model.safetensors               the training weights (the unwrapped model's state dict)
         ema.safetensors                 the EMA weights: shadow_params.{i}
         optimizer.safetensors           the optimizer's tensors: state.{i}.{name}
+        posthoc_ema.safetensors         post-hoc EMA profiles p{j}.{parameter} (if tracked)
         fmgen_extra.json                config, class names, scalars of the EMA, the optimizer
                                         (param_groups) and the GradScaler
         fmgen_state.json                train state: step, images, W&B run id (readable)
@@ -18,6 +19,7 @@ Layout of a run directory::
     RUN_DIR/export/fmgen.json           backbone type and class, prediction type, conditioning,
                                         autoencoder stage, path, classes, config
     RUN_DIR/export/fmgen_manifest.json  checksums of the export
+    RUN_DIR/posthoc/                    post-hoc EMA snapshots, never pruned (fmgen.models.posthoc)
 
 No file is a pickle: unpickling (torch's and pickle's loaders) runs code from the file, so a shared
 checkpoint could run anything on the machine that samples or resumes from it. Tensors are
@@ -59,6 +61,7 @@ CHECKPOINT_FORMAT = "fmgen-checkpoint-2"  # 1: Accelerate's save_state + torch.s
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+POSTHOC_FILE = "posthoc_ema.safetensors"  # with ema.posthoc_sigma_rels: the power-EMA profiles
 EXTRA_FILE = "fmgen_extra.json"
 STATE_FILE = "fmgen_state.json"
 MANIFEST = "fmgen_manifest.json"
@@ -117,10 +120,10 @@ def write_durable(path: Path, data: bytes | str) -> None:
         os.fsync(f.fileno())
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` by rename: readers see the old or the new content."""
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Replace ``path`` with ``data`` by rename: readers see the old or the new content."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    write_durable(tmp, text)
+    write_durable(tmp, data)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -431,9 +434,11 @@ def _resolve_run_paths(cfg: Config, run_folder: Path) -> Config:
 
 def export_model(
     model: FlowModel, cfg: Config, out_dir: Path, *, autoencoder: Autoencoder,
-    class_names: list[str], step: int,
+    class_names: list[str], step: int, provenance: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
     """diffusers ``save_pretrained`` of the backbone plus what rebuilds the model around it.
+
+    ``provenance`` (JSON) says where weights other than the run's EMA came from (post-hoc EMA).
 
     Written into a hidden sibling folder with a manifest and swapped in by rename, so an
     interrupted export never leaves the weights of one step beside the metadata of another.
@@ -449,6 +454,7 @@ def export_model(
         "time_convention": "t=0 noise, t=1 data",
         "step": step,
         "config": to_dict(cfg),
+        **({"provenance": provenance} if provenance else {}),
     }
     tmp = out_dir.with_name(f"{TMP_PREFIX}{out_dir.name}")
     needed = sum(t.numel() * t.element_size() for t in model.backbone.state_dict().values())
@@ -478,7 +484,7 @@ def _load_export(src: Path, device: str | torch.device) -> LoadedModel:
             f"{src}: export format {found!r}, this fmgen reads {EXPORT_FORMAT!r}; "
             f"export the model again from its checkpoint"
         )
-    cfg = _config_of(meta["config"], src, src.parent)
+    cfg = saved_config(meta["config"], src, src.parent)
     spec = get_backbone(meta["backbone"]["type"])
     if spec.class_name != meta["backbone"]["class"]:
         raise CheckpointError(
@@ -497,7 +503,8 @@ def _load_export(src: Path, device: str | torch.device) -> LoadedModel:
                        meta["step"], "ema", str(src))  # fmt: skip
 
 
-def _config_of(tree: dict, where: Path, run_folder: Path) -> Config:
+def saved_config(tree: dict, where: Path, run_folder: Path) -> Config:
+    """The config saved in a checkpoint, export or snapshot, with paths that work from here."""
     try:
         return _resolve_run_paths(config_from_dict(tree), run_folder)
     except ConfigError as e:
@@ -549,7 +556,7 @@ def load_model(
             f"{MANIFEST}, checkpoints/ and fmgen.json)"
         )
     extra = read_checkpoint_extra(ckpt)
-    cfg = _config_of(extra["config"], ckpt, ckpt.parent.parent)
+    cfg = saved_config(extra["config"], ckpt, ckpt.parent.parent)
     class_names = extra["class_names"]
     autoencoder = build_autoencoder(cfg)
     model = build_model(cfg, build_conditioning(cfg, len(class_names)), autoencoder)

@@ -12,7 +12,6 @@ Invariants that make a config mean the same on 1 or 64 processes:
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -53,6 +52,14 @@ from fmgen.train.dist import (
     mean_over_ranks,
     peer_failure,
     set_cpu_threads,
+)
+from fmgen.train.ema import (
+    PowerEMA,
+    ema_decay,
+    ema_model_copy,
+    snapshot_disk_estimate,
+    snapshot_on_main,
+    supersede_snapshots,
 )
 from fmgen.train.errors import TrainingError
 from fmgen.train.lock import hold_run_folder
@@ -109,18 +116,6 @@ class _StopFlag:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             old[sig] = signal.signal(sig, self)
         return old
-
-
-def ema_decay(cfg: Config) -> float:
-    """Per-step decay for a half-life counted in images: 0.5 ** (batch / half_life)."""
-    return 0.5 ** (cfg.train.batch_size / cfg.ema.half_life_images)
-
-
-def ema_model_copy(model: FlowModel, ema: EMAModel) -> FlowModel:
-    """A separate FlowModel holding the EMA weights (the training weights stay untouched)."""
-    out = copy.deepcopy(model)
-    ema.copy_to(out.parameters())
-    return out.eval()
 
 
 def draw_noise(
@@ -219,6 +214,9 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
     if not cfg.ema.use_warmup:
         ema.get_decay = lambda step: ema.decay  # constant decay from the first step
     ema.to(device)
+    posthoc = (
+        PowerEMA(model, cfg.ema.posthoc_sigma_rels) if main and cfg.ema.posthoc_sigma_rels else None
+    )
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.optim.lr,
@@ -239,9 +237,13 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
     ckpt = find_checkpoint(run_dir, resume, quiet=not main)  # verified against its checksums
     if ckpt is not None:
         saved = restore_checkpoint(ckpt, accelerator, cfg=cfg, model=model, optimizer=optimizer,
-                                   ema=ema, generator=gen, data=data)  # fmt: skip
+                                   ema=ema, generator=gen, data=data, posthoc=posthoc)  # fmt: skip
         state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState)})
         log.info("resumed from %s at step %d (%d images)", ckpt, state.step, state.images)
+    if main:
+        supersede_snapshots(run_dir, state.images)
+    if posthoc is not None:
+        log.info("%s", snapshot_disk_estimate(posthoc, cfg))
 
     total_steps = math.ceil(cfg.train.total_images / cfg.train.batch_size)
     tracker = Tracker(
@@ -339,6 +341,8 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                 window_n += 1
             state.step += 1
             state.images += cfg.train.batch_size
+            if posthoc is not None:
+                posthoc.update(list(model.parameters()), state.images, cfg.train.batch_size)
             window_images += cfg.train.batch_size
             if state.step == warm_step:
                 steady_t0, steady_images = time.perf_counter(), 0
@@ -389,6 +393,11 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                 if main:
                     tracker.log({"eval/fid": record["fid"]}, step=state.step)
 
+            every = cfg.ema.posthoc_every_images
+            if cfg.ema.posthoc_sigma_rels and (state.images % every < cfg.train.batch_size
+                                               or state.step == total_steps):  # fmt: skip
+                snapshot_on_main(posthoc, run_dir, images=state.images, step=state.step, cfg=cfg,
+                                 class_names=class_names, device=device)  # fmt: skip
             # the ranks agree on a stop signal (one all-reduce) every N steps, not every step
             every = cfg.train.stop_check_every_steps
             stopping = (world == 1 or state.step % every == 0) and any_rank(stop.set, device)
@@ -398,7 +407,7 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                     accelerator, ckpt_root / checkpoint_name(state.step), model=model,
                     optimizer=optimizer, ema=ema, generator=gen, state=asdict(state), cfg=cfg,
                     class_names=class_names, data_state=data.state_dict(),
-                    keep=cfg.train.keep_checkpoints,
+                    keep=cfg.train.keep_checkpoints, posthoc=posthoc,
                 )  # fmt: skip
             if stopping:
                 log.warning(
