@@ -64,6 +64,8 @@ def test_run_writes_checkpoint_export_grid_and_loads(shards, tmp_path):
     assert (res.checkpoint / "fmgen_state.json").is_file()
     state = json.loads((res.checkpoint / "fmgen_state.json").read_text())
     assert state["step"] == 2 and state["images"] == 2 * BATCH
+    assert res.wall_s > 0 and math.isfinite(res.images_per_s)  # the line train.py ends with
+    assert re.fullmatch(r"done: 2 steps, 32 images in [0-9.]+ s wall; steady [0-9.]+ images/s", res.summary())  # fmt: skip
     assert (res.export_dir / "backbone" / "config.json").is_file()
     meta = json.loads((res.export_dir / "fmgen.json").read_text())
     assert meta["backbone"] == {

@@ -99,6 +99,14 @@ class TrainResult:
     report_lines: list[str] = field(default_factory=list)
     images_per_s: float = float("nan")  # steady state: after the first steps, before the end
     peak_memory_gb: float = float("nan")  # CUDA only
+    wall_s: float = float("nan")  # the whole call: set-up, steps, export, grid, report
+
+    def summary(self) -> str:
+        """The one line a finished run ends with."""
+        ips = self.images_per_s
+        speed = f"{ips:.1f} images/s" if math.isfinite(ips) else "n/a (too few steps)"
+        return (f"done: {self.step} steps, {self.images} images in {self.wall_s:.1f} s wall; "
+                f"steady {speed}")  # fmt: skip
 
 
 class _StopFlag:
@@ -151,8 +159,11 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     accelerator = make_accelerator(cfg)
     set_cpu_threads(cfg, accelerator)
     main, device = accelerator.is_main_process, accelerator.device
+    t0 = time.perf_counter()
     with hold_run_folder(Path(cfg.train.run_dir), main=main, device=device):
-        return _train(cfg, accelerator, resume)
+        result = _train(cfg, accelerator, resume)
+    result.wall_s = time.perf_counter() - t0
+    return result
 
 
 def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
