@@ -27,6 +27,7 @@ from fmgen.core import (
     PREDICTION_TYPES,
     SAMPLERS,
     SAMPLING_GRIDS,
+    SIGMA_REL_MAX,
     TIME_SAMPLINGS,
     GaussianPath,
     SamplingSpec,
@@ -154,6 +155,13 @@ class OptimConfig:
 class EMAConfig:
     half_life_images: int = 20000  # EMA half-life counted in images seen
     use_warmup: bool = True  # diffusers' (1 + n) / (10 + n) ramp early in training
+    # Post-hoc EMA (EDM2): power-function EMAs of these relative widths, snapshotted every
+    # posthoc_every_images; `python -m fmgen.ema` then rebuilds the EMA of any sigma_rel in
+    # (0, 0.2887). EDM2 tracks [0.05, 0.10]. Off by default: each profile is one more copy of the
+    # weights in memory, and each snapshot one more copy per profile on disk, kept for good
+    # (the disk used grows with the run's length; the start-up log says how much).
+    posthoc_sigma_rels: list[float] = field(default_factory=list)
+    posthoc_every_images: int = 2560  # ~train.total_images / 20 or more snapshots (EDM2: ~250)
 
 
 @dataclass
@@ -448,6 +456,7 @@ def validate(cfg: Config) -> None:
         "eval.fid_num_samples",
         "optim.eps",
         "ema.half_life_images",
+        "ema.posthoc_every_images",
         "train.dist_timeout_s",
         "train.stop_check_every_steps",
     ]
@@ -489,6 +498,7 @@ def validate(cfg: Config) -> None:
             f"train.batch_size={cfg.train.batch_size} must be divisible by train.grad_accum="
             f"{cfg.train.grad_accum}"
         )
+    _check_posthoc(cfg.ema.posthoc_sigma_rels)
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas}")
     if cfg.loss.scale <= 0:
@@ -497,6 +507,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"path.b0, path.b1: need 0 < b0 < b1 (vp-linear's beta range), got "
             f"{cfg.path.b0}, {cfg.path.b1}"
+        )
+
+
+def _check_posthoc(sigma_rels: list[float]) -> None:
+    for i, s in enumerate(sigma_rels):
+        if not 0 < s < SIGMA_REL_MAX:  # gamma > 0: the cubic's one positive root
+            raise ConfigError(
+                f"ema.posthoc_sigma_rels[{i}]: {s} must lie in (0, {SIGMA_REL_MAX:.4f}), where the "
+                f"power profile's exponent gamma is > 0; EDM2 tracks [0.05, 0.1]"
+            )
+    if len(set(sigma_rels)) != len(sigma_rels):
+        raise ConfigError(
+            f"ema.posthoc_sigma_rels: {sigma_rels} lists a value twice; give each profile once"
         )
 
 

@@ -12,6 +12,7 @@ import pytest
 from conftest import DIGITS
 from PIL import Image
 
+from fmgen.cli.ema import main as ema_main
 from fmgen.cli.evaluate import main as eval_main
 from fmgen.cli.index import main as index_main
 from fmgen.cli.prepare import main as prepare_main
@@ -19,7 +20,8 @@ from fmgen.cli.sample import main as sample_main
 from fmgen.cli.train import main as train_main
 
 COMMANDS = {"train": train_main, "sample": sample_main, "eval": eval_main, "prepare": prepare_main,
-            "index": index_main}  # fmt: skip
+            "index": index_main, "ema": ema_main}  # fmt: skip
+EMA = ["--run", "{run}", "--sigma-rel", "0.1", "--out"]
 CFG = ["--dry-run", "--config", str(DIGITS)]  # checked like a real start, nothing trained
 IMGS = ["--images", "{tmp}/imgs", "--data", "{shards}"]  # three 8x8 images, digits' shape
 RUN = ["--config", str(DIGITS), "train.run_dir={tmp}/run", "eval.report=", "logging.wandb=false"]
@@ -67,6 +69,10 @@ CASES = [
     ("train", [*CFG, "eval.fid_num_samples=0"], "eval.fid_num_samples"),
     ("train", [*CFG, "eval.fid_every_images=1000", "eval.fid_num_samples=100"], "eval.fid_num_samples"),
     ("train", [*CFG, "ema.half_life_images=0"], "ema.half_life_images"),
+    ("train", [*CFG, "ema.posthoc_sigma_rels=[0.05,0.3]"], "ema.posthoc_sigma_rels[1]"),
+    ("train", [*CFG, "ema.posthoc_sigma_rels=[0.1,0.1]"], "twice"),
+    ("train", [*CFG, "ema.posthoc_sigma_rels=[0]"], "ema.posthoc_sigma_rels[0]"),
+    ("train", [*CFG, "ema.posthoc_every_images=0"], "ema.posthoc_every_images"),
     ("train", [*CFG, "train.mixed_precision=fp8"], "train.mixed_precision"),
     ("train", [*CFG, "noequals"], "section.key=value"),
     ("train", [*CFG, "data.fit=stretch"], "data.fit"),
@@ -120,6 +126,16 @@ CASES = [
     ("eval", [*IMGS, "--feature-network", "module:{tmp}/wrong.py:make"], "(B, D)"),
     ("eval", [*IMGS, "--feature-network", "{tmp}/junk.pt"], "not a TorchScript archive"),
     ("eval", [*IMGS, "--feature-network-path", "{tmp}"], "needs none"),
+    ("ema", [*EMA, "{tmp}/e"], "no post-hoc EMA snapshots"),
+    ("ema", ["--run", "{tmp}/nothing", "--sigma-rel", "0.1", "--out", "{tmp}/e"], "--run"),
+    ("ema", ["--run", "{run}", "--sigma-rel", "0.3", "--out", "{tmp}/e"], "--sigma-rel"),
+    ("ema", ["--run", "{run}", "--sigma-rel", "0", "--out", "{tmp}/e"], "--sigma-rel"),
+    ("ema", ["--run", "{run}", "--sigma-rel", "nan", "--out", "{tmp}/e"], "--sigma-rel"),
+    ("ema", ["--run", "{run}", "--sigma-rel", "abc", "--out", "{tmp}/e"], "--sigma-rel"),
+    ("ema", [*EMA, "{tmp}/e", "--images", "0"], "--images"),
+    ("ema", [*EMA, "/proc/nope/e"], "--out"),
+    ("ema", [*EMA, "{foreign}"], "not an fmgen export"),
+    ("ema", [*EMA, "{run}"], "choose a new folder"),
     ("prepare", ["--source", "folder", "--out", "{tmp}/p"], "--source-path"),
     ("prepare", ["--source", "folder", "--source-path", "{tmp}/nothing", "--out", "{tmp}/p"], "does not exist"),
     ("prepare", ["--resolution", "0", "--out", "{tmp}/p"], "resolution"),

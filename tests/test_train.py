@@ -64,6 +64,8 @@ def test_run_writes_checkpoint_export_grid_and_loads(shards, tmp_path):
     assert (res.checkpoint / "fmgen_state.json").is_file()
     state = json.loads((res.checkpoint / "fmgen_state.json").read_text())
     assert state["step"] == 2 and state["images"] == 2 * BATCH
+    assert res.wall_s > 0 and math.isfinite(res.images_per_s)  # the line train.py ends with
+    assert re.fullmatch(r"done: 2 steps, 32 images in [0-9.]+ s wall; steady [0-9.]+ images/s", res.summary())  # fmt: skip
     assert (res.export_dir / "backbone" / "config.json").is_file()
     meta = json.loads((res.export_dir / "fmgen.json").read_text())
     assert meta["backbone"] == {
@@ -225,6 +227,8 @@ def test_two_ranks_match_one_rank(shards, tmp_path):
         "logging.wandb=true",
         "logging.mode=offline",
         "optim.eps=1e-4",
+        "ema.posthoc_sigma_rels=[0.05,0.1]",
+        f"ema.posthoc_every_images={2 * BATCH}",
     ]
     one = [*common, f"train.run_dir={tmp_path / 'one'}"]
     two = [*common, f"train.run_dir={tmp_path / 'two'}"]
@@ -254,6 +258,13 @@ def test_two_ranks_match_one_rank(shards, tmp_path):
     assert moved < tol, f"1 vs 2 ranks differ by {moved:.2e}"
     for a, b in zip(e1, e2, strict=True):
         assert (a - b).abs().max().item() < tol
+    # post-hoc EMA: the main process alone tracks and writes; the same snapshots as one rank
+    snaps = [sorted((tmp_path / r / "posthoc").iterdir()) for r in ("one", "two")]
+    assert [p.name for p in snaps[1]] == [p.name for p in snaps[0]] == [
+        "images_000000000032.safetensors", "images_000000000064.safetensors"]  # fmt: skip
+    for p1, p2 in zip(*snaps, strict=True):
+        s1, s2 = load_file(p1), load_file(p2)
+        assert s1.keys() == s2.keys() and max((s1[k] - s2[k]).abs().max().item() for k in s1) < tol
     # only rank 0 wrote: one W&B run, one grid per cadence, checkpoint files once
     assert len(list((tmp_path / "two" / "wandb").glob("offline-run-*"))) == 1
     assert sorted(p.name for p in (tmp_path / "two" / "samples").iterdir()) == ["final.png"]

@@ -1,6 +1,6 @@
 """The command line: argument parsing and the error boundary. Nothing in fmgen imports it.
 
-``train.py``, ``sample.py``, ``python -m fmgen.evaluate``, ``python -m fmgen.data prepare`` and the
+``train.py``, ``sample.py``, ``python -m fmgen.evaluate``, ``python -m fmgen.ema``, ``python -m fmgen.data prepare`` and the
 ``fmgen`` command land here. Errors a user can fix (``FmgenError``: a bad config, missing data,
 an incompatible checkpoint) print one line and exit with status 2, never a traceback from deep
 inside.
@@ -173,7 +173,8 @@ def spec_from_args(base: SamplingSpec, args: Any) -> SamplingSpec:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``fmgen train|sample|eval|prepare|index ...``"""
+    """``fmgen train|sample|eval|ema|prepare|index ...``"""
+    from fmgen.cli.ema import main as ema_main
     from fmgen.cli.evaluate import main as eval_main
     from fmgen.cli.index import main as index_main
     from fmgen.cli.prepare import main as prepare_main
@@ -181,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fmgen.cli.train import main as train_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train_main, "sample": sample_main, "eval": eval_main,
+    commands = {"train": train_main, "sample": sample_main, "eval": eval_main, "ema": ema_main,
                 "prepare": prepare_main, "index": index_main}  # fmt: skip
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(

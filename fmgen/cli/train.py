@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"stopped by signal at step {result.step}; resume with --resume auto "
                   f"(checkpoint: {result.checkpoint})")  # fmt: skip
             return 0
-        print(f"done: {result.step} steps, {result.images} images; checkpoint {result.checkpoint}")
+        print(f"{result.summary()}; checkpoint {result.checkpoint}")
         print(f"exported model: {result.export_dir}")
         print(f"sample grid: {result.grid}")
         for line in result.report_lines:

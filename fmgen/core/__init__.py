@@ -1,9 +1,19 @@
-"""The math of fmgen: Gaussian paths and conversions, the exact oracle, losses, solvers, grids.
+"""The math of fmgen: Gaussian paths and conversions, the exact oracle, losses, solvers, grids,
+power-function EMA and its post-hoc reconstruction.
 
 Pure torch (no Accelerate, no torch.distributed, no W&B, no file I/O, no config objects), so
 every formula is testable in milliseconds. Time convention: t = 0 is noise, t = 1 is data.
 """
 
+from fmgen.core.ema import (
+    SIGMA_REL_MAX,
+    PosthocWeights,
+    gamma_to_sigma_rel,
+    posthoc_weights,
+    power_ema_beta,
+    power_profile_dot,
+    sigma_rel_to_gamma,
+)
 from fmgen.core.grids import TIME_GRIDS, check_times, time_grid
 from fmgen.core.losses import DSM_WEIGHTINGS, LOSSES, TIME_SAMPLINGS, get_loss, sample_time
 from fmgen.core.oracle import Oracle
@@ -29,22 +39,29 @@ __all__ = [
     "PREDICTION_TYPES",
     "SAMPLERS",
     "SAMPLING_GRIDS",
+    "SIGMA_REL_MAX",
     "TIME_GRIDS",
     "TIME_SAMPLINGS",
     "Churn",
     "GaussianPath",
     "Oracle",
+    "PosthocWeights",
     "SamplingSpec",
     "beta_sigma",
     "cfg_field",
     "cfg_net",
+    "gamma_to_sigma_rel",
     "check_times",
     "count_nfe",
     "get_loss",
     "get_path",
     "get_sampler",
     "nfe",
+    "posthoc_weights",
+    "power_ema_beta",
+    "power_profile_dot",
     "sample_time",
+    "sigma_rel_to_gamma",
     "solve",
     "time_grid",
     "velocity_field",

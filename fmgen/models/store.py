@@ -7,6 +7,7 @@ Layout of a run directory::
         model.safetensors               the training weights (the unwrapped model's state dict)
         ema.safetensors                 the EMA weights: shadow_params.{i}
         optimizer.safetensors           the optimizer's tensors: state.{i}.{name}
+        posthoc_ema.safetensors         post-hoc EMA profiles p{j}.{parameter} (if tracked)
         fmgen_extra.json                config, class names, scalars of the EMA, the optimizer
                                         (param_groups) and the GradScaler
         fmgen_state.json                train state: step, images, W&B run id (readable)
@@ -22,6 +23,7 @@ Layout of a run directory::
     RUN_DIR/export/model_index.json     the diffusers pipeline index (fmgen.pipeline.FlowPipeline)
     RUN_DIR/export/scheduler/           the stock diffusers scheduler of fmgen's Euler steps
     RUN_DIR/export/fmgen_manifest.json  checksums of the export
+    RUN_DIR/posthoc/                    post-hoc EMA snapshots, never pruned (fmgen.models.posthoc)
 
 No file is a pickle: unpickling (torch's and pickle's loaders) runs code from the file, so a shared
 checkpoint could run anything on the machine that samples or resumes from it. Tensors are
@@ -65,6 +67,7 @@ CHECKPOINT_FORMAT = "fmgen-checkpoint-2"  # 1: Accelerate's save_state + torch.s
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+POSTHOC_FILE = "posthoc_ema.safetensors"  # with ema.posthoc_sigma_rels: the power-EMA profiles
 EXTRA_FILE = "fmgen_extra.json"
 STATE_FILE = "fmgen_state.json"
 MANIFEST = "fmgen_manifest.json"
@@ -123,10 +126,10 @@ def write_durable(path: Path, data: bytes | str) -> None:
         os.fsync(f.fileno())
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` by rename: readers see the old or the new content."""
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Replace ``path`` with ``data`` by rename: readers see the old or the new content."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    write_durable(tmp, text)
+    write_durable(tmp, data)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -437,12 +440,15 @@ def _resolve_run_paths(cfg: Config, run_folder: Path) -> Config:
 
 def export_model(
     model: FlowModel, cfg: Config, out_dir: Path, *, autoencoder: Autoencoder,
-    class_names: list[str], step: int,
+    class_names: list[str], step: int, provenance: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
     """diffusers ``save_pretrained`` of the backbone plus what rebuilds the model around it.
 
     fmgen.json holds fmgen's own metadata; model_index.json and scheduler/ make the folder a
-    diffusers pipeline (``fmgen.pipeline.FlowPipeline.from_pretrained``). Written into a hidden sibling folder with a manifest and swapped in by rename, so an
+    diffusers pipeline (``fmgen.pipeline.FlowPipeline.from_pretrained``). ``provenance`` (JSON)
+    says where weights other than the run's EMA came from (post-hoc EMA).
+
+    Written into a hidden sibling folder with a manifest and swapped in by rename, so an
     interrupted export never leaves the weights of one step beside the metadata of another.
     """
     meta = {
@@ -456,6 +462,7 @@ def export_model(
         "time_convention": "t=0 noise, t=1 data",
         "step": step,
         "config": to_dict(cfg),
+        **({"provenance": provenance} if provenance else {}),
     }
     tmp = out_dir.with_name(f"{TMP_PREFIX}{out_dir.name}")
     needed = sum(t.numel() * t.element_size() for t in model.backbone.state_dict().values())
@@ -506,7 +513,7 @@ def assemble_export(src: Path, meta: dict[str, Any], backbone: nn.Module,
                     device: str | torch.device | None = None) -> LoadedModel:  # fmt: skip
     """The model of an export around its loaded backbone (by fmgen or by diffusers' pipeline
     loader): the FlowModel of fmgen.json's prediction type, conditioning and sample shape."""
-    cfg = _config_of(meta["config"], src, src.parent)
+    cfg = saved_config(meta["config"], src, src.parent)
     spec = export_backbone_spec(src, meta)
     if type(backbone) is not spec.module_class:
         raise CheckpointError(
@@ -532,7 +539,8 @@ def _load_export(src: Path, device: str | torch.device) -> LoadedModel:
     return assemble_export(src, meta, backbone, device)
 
 
-def _config_of(tree: dict, where: Path, run_folder: Path) -> Config:
+def saved_config(tree: dict, where: Path, run_folder: Path) -> Config:
+    """The config saved in a checkpoint, export or snapshot, with paths that work from here."""
     try:
         return _resolve_run_paths(config_from_dict(tree), run_folder)
     except ConfigError as e:
@@ -584,7 +592,7 @@ def load_model(
             f"{MANIFEST}, checkpoints/ and fmgen.json)"
         )
     extra = read_checkpoint_extra(ckpt)
-    cfg = _config_of(extra["config"], ckpt, ckpt.parent.parent)
+    cfg = saved_config(extra["config"], ckpt, ckpt.parent.parent)
     class_names = extra["class_names"]
     # the stage with the data's statistics, as trained (checkpoints of pixel models: identity)
     recorded = extra.get("autoencoder")

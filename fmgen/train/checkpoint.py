@@ -35,6 +35,7 @@ from fmgen.models.store import (
     LATEST,
     MODEL_FILE,
     OPTIMIZER_FILE,
+    POSTHOC_FILE,
     STATE_FILE,
     TMP_PREFIX,
     CheckpointError,
@@ -55,6 +56,7 @@ from fmgen.models.store import (
     write_manifest,
 )
 from fmgen.train.dist import any_rank
+from fmgen.train.ema import PowerEMA, power_ema_bytes
 from fmgen.train.errors import TrainingError
 
 log = logging.getLogger("fmgen.train")
@@ -146,9 +148,11 @@ def save_checkpoint(
     accelerator: Any, final: Path, *, model: torch.nn.Module, optimizer: Any, ema: Any,
     generator: torch.Generator, state: dict[str, Any], cfg: Config, class_names: list[str],
     data_state: dict[str, Any], keep: int, autoencoder: dict[str, Any] | None = None,
+    posthoc: PowerEMA | None = None,
 ) -> Path:  # fmt: skip
     """Write a checkpoint: every rank its RNG states and data position, the main process the
-    rest; then the manifest, the rename into place, ``latest``, pruning.
+    rest (with the post-hoc EMA profiles, which only it holds); then the manifest, the rename
+    into place, ``latest``, pruning.
 
     A failed write (a full disk) on any rank removes the partial folder and raises a
     ``CheckpointError`` on every rank; the previous checkpoint stays as it was.
@@ -169,6 +173,9 @@ def save_checkpoint(
         extra = {"format": CHECKPOINT_FORMAT, "config": to_dict(cfg), "class_names": class_names,
                  "ema": ema_state, "optimizer": opt_meta, "scaler": scaler,
                  "autoencoder": autoencoder}  # fmt: skip
+        if posthoc is not None:
+            extra["posthoc"] = posthoc.meta()
+            blobs[POSTHOC_FILE] = power_ema_bytes(posthoc)
         summary = {**state, "world_size": accelerator.num_processes, "checkpoint": final.name}
         blobs.update({
             MODEL_FILE: _tensors(model.state_dict()), EMA_FILE: _tensors(shadow),
@@ -260,8 +267,11 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
 def restore_checkpoint(
     ckpt: Path, accelerator: Any, *, cfg: Config, model: torch.nn.Module, optimizer: Any,
     ema: Any, generator: torch.Generator, data: Any, autoencoder: Any = None,
+    posthoc: PowerEMA | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Load a verified checkpoint (``find_checkpoint``) into the run; returns the train state."""
+    """Load a verified checkpoint (``find_checkpoint``) into the run; returns the train state.
+
+    ``posthoc``: the main process's post-hoc EMA profiles (None on the other ranks)."""
     extra = read_checkpoint_extra(ckpt)
     check_resumable(cfg, extra["config"], ckpt)  # a clear message, not a size mismatch
     saved_ae = (extra.get("autoencoder") or {}).get("hash", "identity")
@@ -271,6 +281,7 @@ def restore_checkpoint(
             f"model.autoencoder now has hash {autoencoder.hash}; restore that VAE or train into "
             f"a new train.run_dir"
         )
+    check_posthoc_resumable(cfg, extra.get("posthoc"), ckpt)  # on every rank: all fail together
     rank = accelerator.process_index
     rank_tensors, rank_json = rank_files(rank)
     listed = read_manifest(ckpt)
@@ -292,6 +303,8 @@ def restore_checkpoint(
         }
     )
     ema.to(accelerator.device)
+    if posthoc is not None:
+        posthoc.load(read_tensors(ckpt, POSTHOC_FILE))
     if accelerator.scaler is not None and extra.get("scaler"):
         accelerator.scaler.load_state_dict(extra["scaler"])
     saved = read_json(ckpt, rank_json)
@@ -324,4 +337,22 @@ def check_resumable(cfg: Config, saved: dict[str, Any], ckpt: Path) -> None:
         raise CheckpointError(
             f"cannot resume from {ckpt}: train.batch_size is {now['train']['batch_size']}, the "
             f"checkpoint used {saved['train']['batch_size']} (the data position counts batches)"
+        )
+
+
+def check_posthoc_resumable(cfg: Config, saved: dict[str, Any] | None, ckpt: Path) -> None:
+    """A run that tracks post-hoc EMA profiles resumes only the same profiles: a profile's
+    state after t images depends on all of them, so one cannot be started half-way."""
+    now = cfg.ema.posthoc_sigma_rels
+    if not now:
+        if saved:
+            log.warning("%s tracked post-hoc EMA profiles %s; ema.posthoc_sigma_rels is empty, so "
+                        "tracking stops here", ckpt, saved["sigma_rels"])  # fmt: skip
+        return
+    was = saved["sigma_rels"] if saved else []
+    if was != now:
+        raise CheckpointError(
+            f"cannot resume from {ckpt}: ema.posthoc_sigma_rels is {now}, the checkpoint tracked "
+            f"{was or 'none'} (a profile needs the whole run); set ema.posthoc_sigma_rels={was} "
+            f"or use a new train.run_dir"
         )

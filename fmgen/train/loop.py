@@ -12,7 +12,6 @@ Invariants that make a config mean the same on 1 or 64 processes:
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -54,6 +53,14 @@ from fmgen.train.dist import (
     peer_failure,
     set_cpu_threads,
 )
+from fmgen.train.ema import (
+    PowerEMA,
+    ema_decay,
+    ema_model_copy,
+    snapshot_disk_estimate,
+    snapshot_on_main,
+    supersede_snapshots,
+)
 from fmgen.train.errors import TrainingError
 from fmgen.train.lock import hold_run_folder
 from fmgen.train.tracking import Tracker
@@ -92,6 +99,14 @@ class TrainResult:
     report_lines: list[str] = field(default_factory=list)
     images_per_s: float = float("nan")  # steady state: after the first steps, before the end
     peak_memory_gb: float = float("nan")  # CUDA only
+    wall_s: float = float("nan")  # the whole call: set-up, steps, export, grid, report
+
+    def summary(self) -> str:
+        """The one line a finished run ends with."""
+        ips = self.images_per_s
+        speed = f"{ips:.1f} images/s" if math.isfinite(ips) else "n/a (too few steps)"
+        return (f"done: {self.step} steps, {self.images} images in {self.wall_s:.1f} s wall; "
+                f"steady {speed}")  # fmt: skip
 
 
 class _StopFlag:
@@ -109,18 +124,6 @@ class _StopFlag:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             old[sig] = signal.signal(sig, self)
         return old
-
-
-def ema_decay(cfg: Config) -> float:
-    """Per-step decay for a half-life counted in images: 0.5 ** (batch / half_life)."""
-    return 0.5 ** (cfg.train.batch_size / cfg.ema.half_life_images)
-
-
-def ema_model_copy(model: FlowModel, ema: EMAModel) -> FlowModel:
-    """A separate FlowModel holding the EMA weights (the training weights stay untouched)."""
-    out = copy.deepcopy(model)
-    ema.copy_to(out.parameters())
-    return out.eval()
 
 
 def draw_noise(
@@ -156,8 +159,11 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     accelerator = make_accelerator(cfg)
     set_cpu_threads(cfg, accelerator)
     main, device = accelerator.is_main_process, accelerator.device
+    t0 = time.perf_counter()
     with hold_run_folder(Path(cfg.train.run_dir), main=main, device=device):
-        return _train(cfg, accelerator, resume)
+        result = _train(cfg, accelerator, resume)
+    result.wall_s = time.perf_counter() - t0
+    return result
 
 
 def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
@@ -221,6 +227,9 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
     if not cfg.ema.use_warmup:
         ema.get_decay = lambda step: ema.decay  # constant decay from the first step
     ema.to(device)
+    posthoc = (
+        PowerEMA(model, cfg.ema.posthoc_sigma_rels) if main and cfg.ema.posthoc_sigma_rels else None
+    )
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.optim.lr,
@@ -241,9 +250,14 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
     ckpt = find_checkpoint(run_dir, resume, quiet=not main)  # verified against its checksums
     if ckpt is not None:
         saved = restore_checkpoint(ckpt, accelerator, cfg=cfg, model=model, optimizer=optimizer,
-                                   ema=ema, generator=gen, data=data, autoencoder=autoencoder)  # fmt: skip
+                                   ema=ema, generator=gen, data=data, autoencoder=autoencoder,
+                                   posthoc=posthoc)  # fmt: skip
         state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState)})
         log.info("resumed from %s at step %d (%d images)", ckpt, state.step, state.images)
+    if main:
+        supersede_snapshots(run_dir, state.images)
+    if posthoc is not None:
+        log.info("%s", snapshot_disk_estimate(posthoc, cfg))
 
     total_steps = math.ceil(cfg.train.total_images / cfg.train.batch_size)
     tracker = Tracker(
@@ -341,6 +355,8 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                 window_n += 1
             state.step += 1
             state.images += cfg.train.batch_size
+            if posthoc is not None:
+                posthoc.update(list(model.parameters()), state.images, cfg.train.batch_size)
             window_images += cfg.train.batch_size
             if state.step == warm_step:
                 steady_t0, steady_images = time.perf_counter(), 0
@@ -391,6 +407,11 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                 if main:
                     tracker.log({"eval/fid": record["fid"]}, step=state.step)
 
+            every = cfg.ema.posthoc_every_images
+            if cfg.ema.posthoc_sigma_rels and (state.images % every < cfg.train.batch_size
+                                               or state.step == total_steps):  # fmt: skip
+                snapshot_on_main(posthoc, run_dir, images=state.images, step=state.step, cfg=cfg,
+                                 class_names=class_names, device=device)  # fmt: skip
             # the ranks agree on a stop signal (one all-reduce) every N steps, not every step
             every = cfg.train.stop_check_every_steps
             stopping = (world == 1 or state.step % every == 0) and any_rank(stop.set, device)
@@ -401,6 +422,7 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                     optimizer=optimizer, ema=ema, generator=gen, state=asdict(state), cfg=cfg,
                     class_names=class_names, data_state=data.state_dict(),
                     keep=cfg.train.keep_checkpoints, autoencoder=autoencoder.to_dict(),
+                    posthoc=posthoc,
                 )  # fmt: skip
             if stopping:
                 log.warning(
