@@ -14,9 +14,10 @@ Each run also prints the model's FLOPs per training image: torch.utils.flop_coun
 over one forward + backward of one image (matmuls, convolutions and attention, 2 FLOPs per
 multiply-add; norms, element-wise ops and the optimizer are not counted).
 
-imagenet256-latent: this fmgen has no latent stage yet (model.autoencoder), so both loops train
-the DiT on synthetic 32x32x3 images, which give it the same 256 tokens (2x2 patches) as the
-32x32x4 latents of 256x256 images; its FLOPs are counted on 32x32x4 latents and 1000 classes.
+imagenet256-latent: a training step never runs the VAE (the shards hold latents encoded once by
+`prepare --autoencoder`), so both loops train the DiT in pixel mode (model.autoencoder unset) on
+synthetic 32x32x3 images, which give it the same 256 tokens (2x2 patches) as the 32x32x4 latents
+of 256x256 images; its FLOPs are counted on 32x32x4 latents and 1000 classes.
 On a CPU (or with --size reduced) the preset is cut down (printed): a SiT-B/2 step of 256 images
 takes minutes on a few cores.
 """
@@ -150,6 +151,7 @@ def main() -> None:
             over += [
                 f"data.path={shards}",
                 "data.resolution=32",  # imagenet256-latent: stands in for 32x32x4 latents
+                "model.autoencoder=",  # no VAE in a step: its latents are on disk already
                 "eval.fid_every_images=0",
                 "train.sample_every_images=0",
             ]

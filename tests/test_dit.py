@@ -120,6 +120,8 @@ def test_imagenet_preset_is_sit_b2_sized_on_latents():
     from fmgen.models import check_model_config
 
     cfg = load_config(ROOT / "configs" / "imagenet256-latent.yaml")
+    assert cfg.model.autoencoder  # a latent preset: it names a VAE folder (a placeholder here)
+    cfg = load_config(ROOT / "configs" / "imagenet256-latent.yaml", ["model.autoencoder="])
     check_model_config(cfg)
     assert cfg.train.batch_size == 256 and cfg.train.mixed_precision == "bf16"
     with torch.device("meta"):
