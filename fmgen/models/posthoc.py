@@ -138,8 +138,8 @@ def reconstruct_ema(
     run_dir = Path(run_dir)
     if not 0 < sigma_rel < SIGMA_REL_MAX:
         raise FmgenError(
-            f"sigma_rel {sigma_rel}: must lie in (0, {SIGMA_REL_MAX:.4f}) (gamma > 0); EDM2's "
-            f"best values lie around 0.05-0.2"
+            f"sigma_rel {sigma_rel}: must lie in (0, {SIGMA_REL_MAX:.4f}) (gamma > 0), e.g. "
+            f"0.05-0.2, where EDM2 found its best values"
         )
     snapshots = list_snapshots(run_dir)
     if not snapshots:
@@ -178,15 +178,16 @@ def reconstruct_ema(
             p.copy_(total[name])
     listed = [(s.path.name, s.sigma_rels[j], x)
               for (s, j), x in zip(profiles, solution.weights.tolist(), strict=True)]  # fmt: skip
+    step = last.step + (target - last.images) // cfg.train.batch_size  # the step at ``target``
     return Reconstruction(model.eval(), cfg, autoencoder, last.class_names, sigma_rel, gamma,
-                          target, last.step, solution.profile_error, listed)  # fmt: skip
+                          target, step, solution.profile_error, listed)  # fmt: skip
 
 
 def _accumulate(total: dict[str, torch.Tensor], path: Path, prefix: str, x: float) -> None:
     """total += x * (the profile ``prefix`` of the snapshot ``path``), one tensor at a time."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            names = {k[len(prefix) :] for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
+            names = {k[len(prefix) :] for k in f.keys() if k.startswith(prefix)}
             if names != total.keys():
                 missing = sorted(total.keys() - names)[:3] or sorted(names - total.keys())[:3]
                 raise _unreadable(path, f"does not match the model of its config (e.g. {missing})")
