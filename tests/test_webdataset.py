@@ -247,7 +247,8 @@ def test_a_folder_of_foreign_train_shards_is_never_modified(tmp_path):
         assert r.returncode == 2 and "did not write" in r.stderr, r.stderr[-2000:]
         assert checksums(folder) == before
     wds = ["data.source=webdataset", f"data.path={folder}", f"data.resolution={R}",
-           "data.num_classes=10", "eval.fid_every_images=48", "eval.fid_num_samples=130"]  # fmt: skip
+           "data.num_classes=10", "eval.fid_every_images=48", "eval.fid_num_samples=130",
+           "eval.force_feature_network=true"]  # unknown origin: the digits network is forced  # fmt: skip
     r = run("train.py", "--config", str(DIGITS), *tiny, *wds)
     assert r.returncode == 0, r.stderr[-3000:]
     fid = json.loads(next((tmp_path / "run" / "eval").glob("fid-step*.json")).read_text())
