@@ -19,15 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fmgen import SAMPLERS, TIME_GRIDS, nfe
-
-
-def steps_for(sampler: str, budget: int, final_step: str) -> int:
-    """The most steps whose NFE fits the budget (at least 1), by fmgen's one NFE definition."""
-    s = 1
-    while nfe(sampler, s + 1, final_step=final_step) <= budget:
-        s += 1
-    return s
+from fmgen import SAMPLERS, TIME_GRIDS, steps_within
 
 
 def main() -> None:
@@ -53,11 +45,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    grids = args.time_grids.split(",")
-    for name in [*grids, *args.samplers.split(",")]:
-        if name not in (*TIME_GRIDS, *SAMPLERS):
-            p.error(f"{name!r} is no time grid ({', '.join(TIME_GRIDS)}) or sampler "
-                    f"({', '.join(SAMPLERS)})")  # fmt: skip
+    grids, samplers = args.time_grids.split(","), args.samplers.split(",")
+    for flag, names, known in (
+        ("--time-grids", grids, TIME_GRIDS),
+        ("--samplers", samplers, SAMPLERS),
+    ):
+        if bad := [n for n in names if n not in known]:
+            p.error(f"{flag}: {', '.join(map(repr, bad))} unknown; choose from {', '.join(known)}")
 
     from fmgen.config import sampling_spec
     from fmgen.eval import feature_spec, fid_against_reference, generate
@@ -73,9 +67,9 @@ def main() -> None:
     out = Path(args.out) if args.out else Path(loaded.source) / "nfe-sweep"
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for sampler, grid in ((s, g) for s in args.samplers.split(",") for g in grids):
+    for sampler, grid in ((s, g) for s in samplers for g in grids):
         for budget in (int(b) for b in args.nfe.split(",")):
-            steps = steps_for(sampler, budget, base.final_step)
+            steps = steps_within(sampler, budget, final_step=base.final_step)
             spec = base.replace(sampler=sampler, grid=grid, steps=steps)
             images = generate(model, loaded.path, spec, num=args.num_samples, cond=labels, seed=args.seed,
                               device=next(model.parameters()).device, autoencoder=loaded.autoencoder)  # fmt: skip

@@ -36,8 +36,8 @@ from fmgen import (
     SamplingSpec,
     count_nfe,
     get_path,
-    nfe,
     solve,
+    steps_within,
 )
 
 
@@ -69,14 +69,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def steps_for(sampler: str, budget: int, final_step: str) -> int:
-    """The most steps whose NFE fits the budget (at least 1), by fmgen's one NFE definition."""
-    s = 1
-    while nfe(sampler, s + 1, final_step=final_step) <= budget:
-        s += 1
-    return s
-
-
 def rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """One result per (path, solver, grid, steps): a reference row first for each path."""
     dtype = getattr(torch, args.dtype)
@@ -100,7 +92,9 @@ def rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                "nfe": ref_spec.nfe, "reference": True, "err": 0.0, "other_point": 0.0,
                "dist": dist_to_data(ref)}  # fmt: skip
         for name, grid in itertools.product(args.samplers, args.grids):
-            for steps in sorted({steps_for(name, b, args.final_step) for b in args.nfe}):
+            for steps in sorted(
+                {steps_within(name, b, final_step=args.final_step) for b in args.nfe}
+            ):
                 spec = SamplingSpec(name, steps, grid=grid, sde_sigma=args.sde_sigma,
                                     final_step=args.final_step)  # fmt: skip
                 field = count_nfe(oracle.velocity)

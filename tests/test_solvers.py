@@ -30,7 +30,7 @@ from fmgen.core.samplers import (
     sample_rk4,
     velocity_field,
 )
-from fmgen.core.sampling import SAMPLING_GRIDS, SamplingSpec, nfe, solve
+from fmgen.core.sampling import SAMPLING_GRIDS, SamplingSpec, nfe, solve, steps_within
 
 F64 = torch.float64
 PATHS = ["linear", "vp-cosine", "vp-linear"]
@@ -500,6 +500,15 @@ BENCH_ARGS = ("--samples", "128", "--ref-steps", "200", "--nfe", "4", "6", "8", 
 def bench_rows() -> list[dict]:
     """bench/samplers.py --json at its default data (64 points, 16 dims, float64), fewer samples."""
     return run_bench(*BENCH_ARGS)
+
+
+@pytest.mark.parametrize("final_step", ["denoise", "solver"])
+def test_steps_within_a_budget_are_the_most_that_fit(final_step):
+    for sampler in SAMPLERS:
+        for budget in range(1, 41):
+            s = steps_within(sampler, budget, final_step=final_step)
+            assert s == 1 or nfe(sampler, s, final_step=final_step) <= budget
+            assert nfe(sampler, s + 1, final_step=final_step) > budget
 
 
 def test_bench_json_lines(bench_rows):

@@ -29,7 +29,7 @@ from fmgen.core.samplers import (
     get_sampler,
     velocity_field,
 )
-from fmgen.core.sampling import SAMPLING_GRIDS, SamplingSpec, nfe, solve
+from fmgen.core.sampling import SAMPLING_GRIDS, SamplingSpec, nfe, solve, steps_within
 
 __all__ = [
     "DSM_WEIGHTINGS",
@@ -57,6 +57,7 @@ __all__ = [
     "get_path",
     "get_sampler",
     "nfe",
+    "steps_within",
     "posthoc_weights",
     "power_ema_beta",
     "power_profile_dot",

@@ -200,6 +200,14 @@ def nfe(sampler: str, steps: int, *, t_end: float = 1.0, final_step: str = "deno
     return per_step * (steps - 1) + last
 
 
+def steps_within(sampler: str, budget: int, *, final_step: str = "denoise") -> int:
+    """The most steps of ``sampler`` whose ``nfe`` fits ``budget`` (at least 1): sweeps at equal cost."""
+    s = 1
+    while nfe(sampler, s + 1, final_step=final_step) <= budget:
+        s += 1
+    return s
+
+
 def solve(
     spec: SamplingSpec,
     field: Field,
