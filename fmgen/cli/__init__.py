@@ -34,19 +34,13 @@ def run_guarded(fn: Callable[[], int]) -> int:
 
 
 def _leave_process_group() -> None:
-    """Close torchrun's process group after a command that succeeded.
+    """Close torchrun's process group (``fmgen.train.dist.leave_process_group``) after a command
+    that succeeded; only on success: after an error a peer may be gone, and the exit status
+    already says what happened. A process with a group has imported torch.distributed."""
+    if "torch.distributed" in sys.modules:
+        from fmgen.train.dist import leave_process_group
 
-    A gloo group left open at interpreter exit can abort the process ("terminate called without
-    an active exception", exit -6) when its peer closes first, so a finished multi-node job
-    would be reported failed. Only on success: after an error a peer may be gone, and the exit
-    status already says what happened.
-    """
-    if "torch" not in sys.modules:
-        return
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def device_from_arg(text: str | None) -> Any:

@@ -127,6 +127,17 @@ def set_cpu_threads(cfg: Config, accelerator: Accelerator) -> None:
     log.info("torch threads per process: %d (train.cpu_threads=%d)", n, cfg.train.cpu_threads)
 
 
+def leave_process_group() -> None:
+    """Close the process group, if any, before the interpreter exits.
+
+    A gloo group left open at exit can abort the process ("terminate called without an active
+    exception", exit -6) when its peer closes first, so a finished multi-node job would be
+    reported failed.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
     """An Accelerator for this run, whatever an earlier run in the same process asked for."""
     from accelerate.state import AcceleratorState
