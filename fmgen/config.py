@@ -188,7 +188,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "heun"  # euler | heun | rk4 | sde | midpoint | dpm++2m
+    sampler: str = "heun"  # euler | heun | rk4 | sde | midpoint | dpm++2m | dpm++3m
     steps: int = 20
     # classifier-free guidance w of u_null + w (u_cond - u_null): 0 = the unconditional model
     # alone, 1 = the conditional model alone (no guidance), > 1 extrapolates away from the

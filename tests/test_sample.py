@@ -12,7 +12,7 @@ from conftest import ROOT, subprocess_env, train_tiny
 from PIL import Image
 
 from fmgen.cli.sample import sample_command
-from fmgen.core import SamplingSpec, grids, samplers
+from fmgen.core import SamplingSpec, grids, samplers, velocity_field
 from fmgen.eval.generate import block_noise, generate, model_field
 from fmgen.eval.images import GRID_GAP, GRID_GAP_VALUE
 from fmgen.models import load_model
@@ -133,7 +133,7 @@ def test_guidance_scales_follow_the_formula(tiny_run):
     b = generate(m, path, SamplingSpec(steps=3, guidance=1.0), num=5, cond=null)
     assert torch.equal(a, b)
     ts = grids.time_grid(3)
-    direct = samplers.sample_heun(samplers.velocity_field(lambda x, t: m(x, t, y), path, "velocity"),
+    direct = samplers.sample_heun(velocity_field(lambda x, t: m(x, t, y), path, "velocity"),
                                   block_noise(0, 0, 5, (1, 8, 8)), ts)  # fmt: skip
     got = generate(m, path, SamplingSpec(steps=3, guidance=1.0), num=5, cond=y)
     assert torch.allclose(got, direct.clamp(-1, 1), atol=1e-6)
@@ -143,7 +143,7 @@ def test_generate_follows_the_time_grid(tiny_run):
     """generate with SamplingSpec(grid=...) is Heun on grids.time_grid(spacing=..., path=...)."""
     loaded = load_model(tiny_run.run_dir)
     m, path, y = loaded.model, loaded.path, torch.arange(5)
-    field = samplers.velocity_field(lambda x, t: m(x, t, y), path, "velocity")
+    field = velocity_field(lambda x, t: m(x, t, y), path, "velocity")
     out = {}
     for spacing in grids.TIME_GRIDS:
         ts = grids.time_grid(3, spacing=spacing, path=path)

@@ -9,24 +9,21 @@ import pytest
 import torch
 
 from fmgen.core.grids import TIME_GRIDS, time_grid
+from fmgen.core.guidance import cfg_field, cfg_net, velocity_field
 from fmgen.core.oracle import Oracle
 from fmgen.core.paths import PREDICTION_TYPES, get_path
 from fmgen.core.samplers import (
-    FINAL_STEPS,
     SAMPLERS,
-    Step,
     beta_sigma,
-    cfg_field,
-    cfg_net,
     count_nfe,
     get_sampler,
     sample_euler,
     sample_euler_maruyama,
     sample_heun,
     sample_rk4,
-    velocity_field,
 )
 from fmgen.core.sampling import nfe
+from fmgen.core.solver_base import FINAL_STEPS, Step
 
 F64 = torch.float64
 
@@ -161,10 +158,10 @@ def test_never_evaluates_at_t1_and_nfe(name):
         run(name, counter, noise(8), time_grid(steps, t_end=0.5, dtype=F64), path=path,
             final_step=final)  # fmt: skip
         assert counter.calls == nfe(name, steps, t_end=0.5, final_step=final)
-    names = ("euler", "heun", "rk4", "sde", "midpoint", "dpm++2m")
-    assert [nfe(n, 10, final_step="solver") for n in names] == [10, 19, 39, 10, 20, 10]
-    assert [nfe(n, 10) for n in names] == [10, 19, 37, 10, 19, 10]  # the last step denoises
-    assert [nfe(n, 10, t_end=0.5) for n in names] == [10, 20, 40, 10, 20, 10]
+    names = ("euler", "heun", "rk4", "sde", "midpoint", "dpm++2m", "dpm++3m")
+    assert [nfe(n, 10, final_step="solver") for n in names] == [10, 19, 39, 10, 20, 10, 10]
+    assert [nfe(n, 10) for n in names] == [10, 19, 37, 10, 19, 10, 10]  # the last step denoises
+    assert [nfe(n, 10, t_end=0.5) for n in names] == [10, 20, 40, 10, 20, 10, 10]
 
 
 # --- mixture weights: chi-square goodness of fit --------------------------------------------------

@@ -15,21 +15,13 @@ from fmgen.core.ema import (
     sigma_rel_to_gamma,
 )
 from fmgen.core.grids import TIME_GRIDS, check_times, time_grid
+from fmgen.core.guidance import cfg_field, cfg_net, velocity_field
 from fmgen.core.losses import DSM_WEIGHTINGS, LOSSES, TIME_SAMPLINGS, get_loss, sample_time
 from fmgen.core.oracle import Oracle
 from fmgen.core.paths import PATHS, PREDICTION_TYPES, GaussianPath, get_path
-from fmgen.core.samplers import (
-    FINAL_STEPS,
-    SAMPLERS,
-    Churn,
-    beta_sigma,
-    cfg_field,
-    cfg_net,
-    count_nfe,
-    get_sampler,
-    velocity_field,
-)
+from fmgen.core.samplers import SAMPLERS, Churn, beta_sigma, count_nfe, get_sampler
 from fmgen.core.sampling import SAMPLING_GRIDS, SamplingSpec, nfe, solve, steps_within
+from fmgen.core.solver_base import FINAL_STEPS
 
 __all__ = [
     "DSM_WEIGHTINGS",

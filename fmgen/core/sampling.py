@@ -20,12 +20,21 @@ from torch import Tensor
 
 from fmgen.core.grids import TIME_GRIDS, check_times, time_grid
 from fmgen.core.paths import GaussianPath
-from fmgen.core.samplers import FINAL_STEPS, SAMPLERS, Churn, Field, Noise, beta_sigma, get_sampler
+from fmgen.core.samplers import SAMPLERS, Churn, beta_sigma, get_sampler
+from fmgen.core.solver_base import FINAL_STEPS, Field, Noise
 
 SAMPLING_GRIDS = (*TIME_GRIDS, "list")
 """Grids of a spec: the spacings of ``time_grid``, or ``list``, the spec's own ``times``."""
 
-_EVALS_PER_STEP = {"euler": 1, "sde": 1, "dpm++2m": 1, "heun": 2, "midpoint": 2, "rk4": 4}
+_EVALS_PER_STEP = {
+    "euler": 1,
+    "sde": 1,
+    "dpm++2m": 1,
+    "dpm++3m": 1,
+    "heun": 2,
+    "midpoint": 2,
+    "rk4": 4,
+}
 # the evaluations of a "solver" step that ends at t = 1 (Heun: Euler; RK4: Heun's third order)
 _EVALS_LAST_SOLVER_STEP = {**_EVALS_PER_STEP, "heun": 1, "rk4": 3}
 
@@ -35,7 +44,8 @@ class SamplingSpec:
     """The options of a sampling run; invalid values raise ValueError naming the field.
 
     Attributes:
-        sampler: a name of ``SAMPLERS`` (euler, heun, rk4, sde, midpoint, dpm++2m).
+        sampler: a name of ``SAMPLERS`` (euler, heun, rk4, sde, midpoint, dpm++2m,
+            dpm++3m).
         steps: solver steps (the grid has steps + 1 times).
         guidance: classifier-free guidance scale; 1 = the conditional model alone, 0 = the
             unconditional one, > 1 pushes away from the unconditional prediction.
@@ -183,7 +193,7 @@ def nfe(sampler: str, steps: int, *, t_end: float = 1.0, final_step: str = "deno
     """Field evaluations per sample of ``sampler`` over ``steps`` steps of a grid ending at ``t_end``.
 
     The one definition used by FID records, benchmarks and sweeps. Each step costs its solver's
-    evaluations (euler, sde, dpm++2m: 1; heun, midpoint: 2; rk4: 4), except a step that ends at
+    evaluations (euler, sde, dpm++2m, dpm++3m: 1; heun, midpoint: 2; rk4: 4), except a step that ends at
     t = 1: with ``final_step="denoise"`` (``SamplingSpec``'s default) it costs 1 (x0_hat from
     one velocity), with ``"solver"`` Heun's costs 1 (an Euler step) and RK4's 3 (Heun's
     third-order method). Heun with churn costs what Heun does. With guidance each evaluation is

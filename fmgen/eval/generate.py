@@ -20,9 +20,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fmgen.base import FmgenError
+from fmgen.core.guidance import cfg_net, velocity_field
 from fmgen.core.paths import GaussianPath
-from fmgen.core.samplers import Field, cfg_net, velocity_field
 from fmgen.core.sampling import SamplingSpec, solve
+from fmgen.core.solver_base import Field
 from fmgen.models.autoencoder import Autoencoder, IdentityAutoencoder
 from fmgen.models.conditioning import ConditionError
 from fmgen.models.flow import FlowModel
