@@ -117,7 +117,7 @@ def _multistep(
             x = d
         else:
             h = lam[i + 1] - lam[i]
-            incr = _dpmpp_increment(d, past if math.isfinite(h) else [], h)
+            incr = _dpmpp_increment(d, past, h)  # past is empty after lambda = -inf
             x = (beta[i + 1] / beta[i]) * x + alpha[i + 1] * incr
             past = [] if math.isinf(h) else [*past, (d, h)][1 - order :]
         if callback is not None:
