@@ -5,6 +5,7 @@ Importing this package registers the built-in backbones (``unet``, ``dit``).
 """
 
 from fmgen.models import dit as _dit  # noqa: F401  (registers model.type: dit)
+from fmgen.models import text_backbones as _text  # noqa: F401  (registers unet-text, dit-text)
 from fmgen.models import unet as _unet  # noqa: F401  (registers model.type: unet)
 from fmgen.models.autoencoder import (
     Autoencoder,
@@ -20,6 +21,7 @@ from fmgen.models.conditioning import (
     ClassLabels,
     ConditionError,
     Conditioning,
+    TextConditioning,
     Unconditional,
     conditioning_from_dict,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "ClassLabels",
     "ConditionError",
     "Conditioning",
+    "TextConditioning",
     "FlowModel",
     "IdentityAutoencoder",
     "KLAutoencoder",

@@ -40,6 +40,8 @@ class BackboneSpec:
         call: ``call(module, x, t, cond) -> prediction`` with x (B, C, H, W), t (B,) in [0, 1]
             (0 = noise) and cond the conditioning's model input (or None); returns (B, C, H, W).
         check: ``check(cfg, shape)`` raises ConfigError naming a bad option of this backbone.
+        text_variant: the registry name of this backbone's text-reading variant, which text
+            conditioning builds instead ("" = none); its ``call`` gets a ``TextEmbedding``.
     """
 
     name: str
@@ -47,6 +49,8 @@ class BackboneSpec:
     build: Callable[[Config, Shape, Conditioning], nn.Module]
     call: Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor] = _call_directly
     check: Callable[[Config, Shape], None] = _no_checks
+    text_variant: str = ""
+    reads_text: bool = False
 
     @property
     def class_name(self) -> str:
@@ -72,3 +76,15 @@ def get_backbone(name: str) -> BackboneSpec:
             f"{', '.join(map(repr, BACKBONES))} (or import the module that registers it)"
         )
     return BACKBONES[name]
+
+
+def text_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """The text-reading variant of ``spec`` (itself if it reads text)."""
+    if spec.reads_text:
+        return spec
+    if not spec.text_variant:
+        raise ConfigError(
+            f"model.type {spec.name!r} has no text-reading variant; with model.text_encoder set "
+            f"choose one of: {', '.join(repr(n) for n, s in BACKBONES.items() if s.text_variant)}"
+        )
+    return get_backbone(spec.text_variant)

@@ -129,4 +129,6 @@ def call_dit(dit: DiT, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
     return dit(x, t * TIME_SCALE, class_labels=cond).sample  # (B, C, H, W)
 
 
-DIT = register_backbone(BackboneSpec("dit", DiT, build=build_dit, call=call_dit, check=check_dit))
+DIT = register_backbone(
+    BackboneSpec("dit", DiT, build=build_dit, call=call_dit, check=check_dit, text_variant="dit-text")
+)

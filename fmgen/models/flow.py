@@ -14,8 +14,15 @@ from torch import Tensor, nn
 from fmgen.config import Config
 from fmgen.core.paths import check_prediction_type
 from fmgen.models.autoencoder import Autoencoder, build_autoencoder
-from fmgen.models.backbones import BackboneSpec, Shape, get_backbone
-from fmgen.models.conditioning import ClassLabels, Conditioning, Unconditional
+from fmgen.models.backbones import BackboneSpec, Shape, get_backbone, text_backbone
+from fmgen.models.conditioning import (
+    ClassLabels,
+    Conditioning,
+    TextConditioning,
+    Unconditional,
+    learned_encoder_module,
+)
+from fmgen.models.text import LEARNED, FrozenTextEncoder, encoder_architecture
 
 
 class FlowModel(nn.Module):
@@ -27,12 +34,16 @@ class FlowModel(nn.Module):
         prediction_type: what the backbone's output means (velocity, eps, score or x0).
         conditioning: the condition of a sample and its null value.
         sample_shape: (C, H, W) of the samples in the model's space.
+        text_encoder: the learned text encoder, trained with the backbone (None: none; a frozen
+            encoder is never a submodule: it lives in the conditioning, outside the parameters).
     """
 
     def __init__(self, backbone: nn.Module, spec: BackboneSpec, *, prediction_type: str,
-                 conditioning: Conditioning, sample_shape: Shape):  # fmt: skip
+                 conditioning: Conditioning, sample_shape: Shape,
+                 text_encoder: nn.Module | None = None):  # fmt: skip
         super().__init__()
         self.backbone = backbone
+        self.text_encoder = text_encoder
         self.spec = spec
         self.prediction_type = check_prediction_type(prediction_type)
         self.conditioning = conditioning
@@ -54,15 +65,58 @@ class FlowModel(nn.Module):
             c = self.conditioning.null(x.shape[0], x.device)
         elif not self.conditional:
             self.conditioning.check(c, x.shape[0])
+        if isinstance(self.conditioning, TextConditioning):
+            c = self.conditioning.embed(c, self.text_encoder)  # a TextEmbedding
         return self.spec.call(self.backbone, x, t, c)
 
+    @property
+    def reads_text(self) -> bool:
+        return isinstance(self.conditioning, TextConditioning)
 
-def build_conditioning(cfg: Config, num_classes: int) -> Conditioning:
-    """Class labels with the config's dropout, or none (``model.class_conditional=false``, or
-    data without labels: ``num_classes`` 0)."""
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """Prompts -> this model's condition rows (B, F) on the CPU (text models only)."""
+        if not self.reads_text:
+            from fmgen.models.conditioning import ConditionError
+
+            raise ConditionError(
+                "prompts were given to a model trained without text (a class-label or "
+                "unconditional model); sample it with --labels or --num-samples"
+            )
+        return self.conditioning.encode(prompts)
+
+
+def build_conditioning(cfg: Config, num_classes: int,
+                       frozen: FrozenTextEncoder | None = None) -> Conditioning:  # fmt: skip
+    """Captions (``model.text_encoder`` set), class labels with the config's dropout, or none
+    (``model.class_conditional=false``, or data without labels: ``num_classes`` 0).
+
+    A frozen encoder is loaded from its folder (on the CPU) unless ``frozen`` gives it."""
+    if cfg.model.text_encoder:
+        return text_conditioning(cfg, frozen)
     if cfg.model.class_conditional and num_classes > 0:
         return ClassLabels(num_classes, cfg.model.p_uncond)
     return Unconditional()
+
+
+def load_frozen_encoder(cfg: Config, device: str = "cpu") -> FrozenTextEncoder:
+    return FrozenTextEncoder(cfg.model.text_encoder, max_length=cfg.text.max_length,
+                             dtype=cfg.text.dtype, device=device)  # fmt: skip
+
+
+def text_conditioning(cfg: Config, frozen: FrozenTextEncoder | None = None) -> TextConditioning:
+    t = cfg.text
+    if cfg.model.text_encoder == LEARNED:
+        return TextConditioning({"kind": LEARNED}, max_length=t.max_length, token_dim=t.width,
+                                pooled_dim=t.width, p_drop=cfg.model.p_uncond)  # fmt: skip
+    enc = frozen or load_frozen_encoder(cfg)
+    return TextConditioning(enc.record(), max_length=t.max_length, token_dim=enc.token_dim,
+                            pooled_dim=enc.pooled_dim, p_drop=cfg.model.p_uncond, frozen=enc)  # fmt: skip
+
+
+def model_spec(cfg: Config, conditioning: Conditioning) -> BackboneSpec:
+    """model.type's registry entry; text conditioning takes its text-reading variant."""
+    spec = get_backbone(cfg.model.type)
+    return text_backbone(spec) if isinstance(conditioning, TextConditioning) else spec
 
 
 def pixel_shape(cfg: Config) -> Shape:
@@ -70,9 +124,15 @@ def pixel_shape(cfg: Config) -> Shape:
 
 
 def check_model_config(cfg: Config, autoencoder: Autoencoder | None = None) -> None:
-    """The model options of a config: a registered ``model.type`` and its own checks."""
+    """The model options of a config: a registered ``model.type`` and its own checks; a text
+    encoder folder that loads (checked without loading its weights)."""
     ae = autoencoder or build_autoencoder(cfg)
-    get_backbone(cfg.model.type).check(cfg, ae.latent_shape(pixel_shape(cfg)))
+    spec = get_backbone(cfg.model.type)
+    if cfg.model.text_encoder:
+        spec = text_backbone(spec)
+        if cfg.model.text_encoder != LEARNED:
+            encoder_architecture(cfg.model.text_encoder)
+    spec.check(cfg, ae.latent_shape(pixel_shape(cfg)))
 
 
 def build_model(
@@ -80,12 +140,14 @@ def build_model(
 ) -> FlowModel:
     """The config's backbone for samples in the autoencoder stage's space."""
     ae = autoencoder or build_autoencoder(cfg)
-    spec = get_backbone(cfg.model.type)
+    spec = model_spec(cfg, conditioning)
     shape = ae.latent_shape(pixel_shape(cfg))
     spec.check(cfg, shape)
+    t = cfg.text
     return FlowModel(spec.build(cfg, shape, conditioning), spec,
                      prediction_type=cfg.model.prediction_type, conditioning=conditioning,
-                     sample_shape=shape)  # fmt: skip
+                     sample_shape=shape,
+                     text_encoder=learned_encoder_module(conditioning, t.width, t.depth, t.heads))  # fmt: skip
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -28,6 +28,7 @@ PIPELINE_CLASS = "FlowPipeline"
 MODEL_INDEX = "model_index.json"
 SCHEDULER_DIR = "scheduler"
 AUTOENCODER_DIR = "autoencoder"
+TEXT_ENCODER_DIR = "text_encoder"
 # the libraries diffusers imports by name; a class of any other module is recorded under its
 # module's full name and resolves once that module is imported (a registered backbone's is)
 _LIBRARIES = ("diffusers", "transformers")
@@ -63,7 +64,8 @@ def _saved_class(folder: Path) -> list[str | None]:
     return ["diffusers", name] if isinstance(name, str) and hasattr(diffusers, name) else [None, None]  # fmt: skip
 
 
-def write_pipeline_files(folder: Path, backbone: nn.Module) -> None:
+def write_pipeline_files(folder: Path, backbone: nn.Module,
+                         text_encoder: nn.Module | None = None) -> None:  # fmt: skip
     """Write the scheduler's config and ``model_index.json`` into an export being written.
 
     Called after the backbone (and an autoencoder stage's ``autoencoder/`` folder, written with
@@ -76,5 +78,8 @@ def write_pipeline_files(folder: Path, backbone: nn.Module) -> None:
         "backbone": library_entry(backbone),
         "scheduler": library_entry(FlowMatchEulerDiscreteScheduler),
         "autoencoder": _saved_class(folder / AUTOENCODER_DIR),
+        # a learned text encoder trains with the backbone: a component; a frozen one is read by
+        # fmgen from text_encoder/ (with its tokenizer), not by diffusers
+        "text_encoder": library_entry(text_encoder),
     }
     (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -18,6 +18,11 @@ Layout of a run directory::
     RUN_DIR/export/backbone/            diffusers save_pretrained of the EMA backbone
     RUN_DIR/export/autoencoder/         latent models: the VAE's config and weights, copied
                                         byte for byte (the hash fmgen.json records)
+    RUN_DIR/export/text_encoder/        text models: the learned encoder (save_pretrained), or a
+                                        frozen encoder's folder copied byte for byte (with its
+                                        tokenizer; a sibling tokenizer/ folder goes to tokenizer/)
+                                        unless larger than text.export_copy_mb: then fmgen.json
+                                        names its folder and hash
     RUN_DIR/export/fmgen.json           backbone type and class, prediction type, conditioning,
                                         autoencoder stage, path, classes, config
     RUN_DIR/export/model_index.json     the diffusers pipeline index (fmgen.pipeline.FlowPipeline)
@@ -57,9 +62,10 @@ from fmgen.config import Config, ConfigError, config_from_dict, make_path, to_di
 from fmgen.core.paths import GaussianPath
 from fmgen.models.autoencoder import Autoencoder, autoencoder_from_dict, build_autoencoder
 from fmgen.models.backbones import BackboneSpec, get_backbone
-from fmgen.models.conditioning import conditioning_from_dict
+from fmgen.models.conditioning import TextConditioning, conditioning_from_dict
 from fmgen.models.flow import FlowModel, build_conditioning, build_model, describe_model
-from fmgen.models.pipeline_files import write_pipeline_files
+from fmgen.models.pipeline_files import TEXT_ENCODER_DIR, write_pipeline_files
+from fmgen.models.text import FrozenTextEncoder, LearnedTextEncoder, TextEncoderError, folder_hash
 
 log = logging.getLogger("fmgen.models")
 
@@ -472,13 +478,71 @@ def export_model(
         tmp.mkdir(parents=True)
         model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
         autoencoder.export(tmp / "autoencoder")  # latent models: the VAE (identity: nothing)
+        meta["conditioning"] = _export_text_encoder(model, cfg, tmp)
         write_durable(tmp / "fmgen.json", json.dumps(meta, indent=2))
-        write_pipeline_files(tmp, model.backbone)
+        write_pipeline_files(tmp, model.backbone, model.text_encoder)
         write_manifest(tmp)
         swap_in(tmp, out_dir)
     except (OSError, RuntimeError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(e, "the export", out_dir, needed) from None
+
+
+def _export_text_encoder(model: FlowModel, cfg: Config, tmp: Path) -> dict[str, Any]:
+    """Write a text model's encoder into the export being written; its conditioning record."""
+    record = model.conditioning.to_dict()
+    cond = model.conditioning
+    if not isinstance(cond, TextConditioning):
+        return record
+    if cond.learned:
+        assert model.text_encoder is not None
+        model.text_encoder.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
+        return record
+    folder = cond.frozen.folder if cond.frozen is not None else Path(cond.encoder["path"])
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    copied = size <= cfg.text.export_copy_mb * 2**20
+    if copied:
+        shutil.copytree(folder, tmp / TEXT_ENCODER_DIR)
+        sibling = folder.parent / "tokenizer"
+        if not any(folder.glob("tokenizer*")) and sibling.is_dir():
+            shutil.copytree(sibling, tmp / "tokenizer")
+    else:
+        log.warning("the text encoder %s (%.1f GB) is larger than text.export_copy_mb=%d: the "
+                    "export names it (hash %s) and needs it there to sample from prompts",
+                    folder, size / 2**30, cfg.text.export_copy_mb, cond.encoder["hash"][:12])  # fmt: skip
+    record["encoder"] = {**record["encoder"], "copied": copied}
+    return record
+
+
+def export_text_encoder(src: Path, meta: dict[str, Any]) -> tuple[nn.Module | None, FrozenTextEncoder | None]:
+    """An export's text encoder: (the learned module, None) or (None, the frozen encoder, read
+    from the export's copy or the folder fmgen.json names, checked against the recorded hash)."""
+    d = meta["conditioning"]
+    if d.get("kind") != TextConditioning.kind:
+        return None, None
+    enc = d["encoder"]
+    if enc.get("kind") == "learned":
+        try:
+            return LearnedTextEncoder.from_pretrained(src / TEXT_ENCODER_DIR, use_safetensors=True), None
+        except (OSError, ValueError, SafetensorError) as e:
+            raise CheckpointError(f"{src}: the text encoder does not load ({' '.join(str(e).split())})") from None  # fmt: skip
+    folder = src / TEXT_ENCODER_DIR if enc.get("copied", True) else Path(enc["path"])
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{src}: its frozen text encoder {str(folder)!r} (hash {enc['hash'][:12]}) is not there; "
+            f"put the encoder folder back there to sample from prompts"
+        )
+    if folder_hash(folder) != enc["hash"]:
+        raise CheckpointError(
+            f"{src}: the text encoder in {folder} has another hash than the one the model was "
+            f"trained with ({enc['hash'][:12]}); restore the original encoder folder"
+        )
+    try:
+        frozen = FrozenTextEncoder(folder, max_length=int(d["max_length"]),
+                                   dtype=enc.get("dtype", "float32"))  # fmt: skip
+    except TextEncoderError as e:
+        raise CheckpointError(f"{src}: {e}") from None
+    return None, frozen
 
 
 def read_export(src: Path) -> dict[str, Any]:
@@ -510,9 +574,11 @@ def export_backbone_spec(src: Path, meta: dict[str, Any]) -> BackboneSpec:
 
 
 def assemble_export(src: Path, meta: dict[str, Any], backbone: nn.Module,
-                    device: str | torch.device | None = None) -> LoadedModel:  # fmt: skip
+                    device: str | torch.device | None = None,
+                    text_encoder: nn.Module | None = None) -> LoadedModel:  # fmt: skip
     """The model of an export around its loaded backbone (by fmgen or by diffusers' pipeline
-    loader): the FlowModel of fmgen.json's prediction type, conditioning and sample shape."""
+    loader): the FlowModel of fmgen.json's prediction type, conditioning and sample shape.
+    ``text_encoder``: a learned text encoder diffusers loaded (else read from the export)."""
     cfg = saved_config(meta["config"], src, src.parent)
     spec = export_backbone_spec(src, meta)
     if type(backbone) is not spec.module_class:
@@ -520,9 +586,10 @@ def assemble_export(src: Path, meta: dict[str, Any], backbone: nn.Module,
             f"{src}: the backbone loaded as {type(backbone).__qualname__}, but fmgen.json says "
             f"{spec.class_name}; export the model again (model_index.json and fmgen.json disagree)"
         )
+    learned, frozen = (text_encoder, None) if text_encoder is not None else export_text_encoder(src, meta)
     model = FlowModel(backbone, spec, prediction_type=meta["prediction_type"],
-                      conditioning=conditioning_from_dict(meta["conditioning"]),
-                      sample_shape=tuple(meta["sample_shape"]))  # fmt: skip
+                      conditioning=conditioning_from_dict(meta["conditioning"], frozen),
+                      sample_shape=tuple(meta["sample_shape"]), text_encoder=learned)  # fmt: skip
     model = model.eval() if device is None else model.to(device).eval()
     stage = autoencoder_from_dict(meta["autoencoder"], src / "autoencoder")  # the export's copy
     return LoadedModel(model, make_path(cfg), stage, cfg,

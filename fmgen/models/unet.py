@@ -70,5 +70,6 @@ def call_unet(unet: UNet2DModel, x: Tensor, t: Tensor, cond: Tensor | None) -> T
 
 
 UNET = register_backbone(
-    BackboneSpec("unet", UNet2DModel, build=build_unet, call=call_unet, check=check_unet)
+    BackboneSpec("unet", UNet2DModel, build=build_unet, call=call_unet, check=check_unet,
+                 text_variant="unet-text")  # fmt: skip
 )
