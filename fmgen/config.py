@@ -83,7 +83,10 @@ class DataConfig:
     image_key: str = ""  # the image member; "" = the first of jpg, jpeg, png, webp present
     label_key: str = "cls"  # integer label member; "" = no labels (unconditional)
     num_classes: int = 0  # classes of label_key when no index says (0 = from the index)
-    caption_key: str = ""  # a text member carried in the batch (e.g. txt); not used by models yet
+    caption_key: str = ""  # the caption member (e.g. txt): text models train on it
+    # prepared digits: write a caption per image (.txt) from this template set of
+    # fmgen.data.captions ("" = none; "digits": "a handwritten seven", ...)
+    caption_templates: str = ""
     fit: str = "center-crop"  # images of another size: center-crop | resize | pad | none (refuse)
 
 
@@ -128,6 +131,24 @@ class DiTConfig:
 
 
 @dataclass
+class TextConfig:
+    """Options of text conditioning (``model.text_encoder`` set)."""
+
+    max_length: int = 64  # tokens per caption; longer captions are cut (with a warning)
+    # frozen encoders: read the embeddings `prepare --text-encoder` wrote beside each image;
+    # false encodes each batch's captions on the fly (same result to float16; small runs)
+    precomputed: bool = True
+    dtype: str = "float32"  # the frozen encoder's compute dtype: float32 | bfloat16 | float16
+    # learned encoder (model.text_encoder: learned): a byte-level transformer trained with the model
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+    # exports copy a frozen encoder's folder up to this size (MB); a larger one is named with its
+    # hash instead, and must stay where it is for sampling from prompts
+    export_copy_mb: int = 4096
+
+
+@dataclass
 class ModelConfig:
     type: str = "unet"  # a backbone of fmgen.models.BACKBONES
     prediction_type: str = "velocity"  # velocity | eps | score | x0
@@ -136,6 +157,10 @@ class ModelConfig:
     # a local diffusers AutoencoderKL folder (save_pretrained layout): the model works in its
     # latent space, on shards prepared with `prepare --autoencoder`; "" = pixel space
     autoencoder: str = ""
+    # "" = class labels or none; "learned" = a byte-level text encoder trained with the model; or
+    # a local transformers encoder folder (CLIPTextModel, T5EncoderModel, ...) kept frozen.
+    # Text models read the caption member data.caption_key.
+    text_encoder: str = ""
     unet: UNetConfig = field(default_factory=UNetConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
 
@@ -205,6 +230,8 @@ class SampleConfig:
     churn_sigma_min: float = 0.0  # EDM's S_tmin, in sigma = beta / alpha
     churn_sigma_max: float | None = None  # EDM's S_tmax (null: no bound)
     churn_noise: float = 1.0  # EDM's S_noise
+    negative_prompt: str = ""  # text models: the prompt guidance steers away from ("" = null)
+    prompts: list[str] = field(default_factory=list)  # text models: the grid's rows ([] = captions of the first batch)
 
 
 @dataclass
@@ -236,6 +263,7 @@ class Config:
     path: PathConfig = field(default_factory=PathConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -258,6 +286,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sample.time_grid": SAMPLING_GRIDS,
     "sample.final_step": FINAL_STEPS,
     "logging.mode": ("", "online", "offline", "disabled"),
+    "text.dtype": ("float32", "bfloat16", "float16"),
 }
 
 
@@ -459,6 +488,10 @@ def validate(cfg: Config) -> None:
         "ema.posthoc_every_images",
         "train.dist_timeout_s",
         "train.stop_check_every_steps",
+        "text.width",
+        "text.depth",
+        "text.heads",
+        "text.export_copy_mb",
     ]
     for key in positive:
         if _get(cfg, key) <= 0:
@@ -492,6 +525,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.t_min: must lie in [0, 0.5), got {cfg.loss.t_min}")
     if not 0 <= cfg.sample.t_start < 1:
         raise ConfigError(f"sample.t_start: must lie in [0, 1), got {cfg.sample.t_start}")
+    if cfg.text.max_length < 3:
+        raise ConfigError(f"text.max_length: must be >= 3 (BOS, a token, EOS), got {cfg.text.max_length}")
+    if cfg.model.text_encoder == "learned" and cfg.text.width % cfg.text.heads:
+        raise ConfigError(
+            f"text.width: {cfg.text.width} must be divisible by text.heads={cfg.text.heads}"
+        )
+    if cfg.model.text_encoder and not cfg.data.caption_key:
+        raise ConfigError(
+            f"model.text_encoder={cfg.model.text_encoder!r} trains on captions, but data.caption_key "
+            f"is empty; set it to the caption member of the shards (e.g. data.caption_key=txt)"
+        )
+    precomputed = cfg.model.text_encoder not in ("", "learned") and cfg.text.precomputed
+    if cfg.model.text_encoder and cfg.data.in_memory and not precomputed:
+        raise ConfigError(
+            "data.in_memory=true holds images and precomputed text rows, not the captions that "
+            "model.text_encoder=learned or text.precomputed=false encode each step; set "
+            "data.in_memory=false"
+        )
     sampling_spec(cfg)  # the options that must agree (a list grid's times and steps, churn)
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(

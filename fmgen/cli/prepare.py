@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from fmgen.base import FmgenError, setup_logging
 from fmgen.cli import run_guarded
+from fmgen.config import TextConfig
 from fmgen.data import IMAGE_FORMATS, SOURCES
 from fmgen.data.decode import FITS
 from fmgen.data.sources import SPLITS
@@ -28,8 +29,9 @@ def parser() -> argparse.ArgumentParser:
         default="digits",
         help="digits: scikit-learn's 1797 8x8 digits (bundled); folder: "
         "SOURCE_PATH/<class>/<image> folders; hf: a datasets save_to_disk folder or a data "
-        "set name; with --autoencoder also shards (fmgen's pixel shards in --data-path) and "
-        "webdataset (any WebDataset shards --data-path names) (default: digits)",
+        "set name; with --autoencoder or --text-encoder also shards (fmgen's shards in "
+        "--data-path: pixel ones, or latent ones for --text-encoder) and webdataset (any "
+        "WebDataset shards --data-path names) (default: digits)",
     )
     p.add_argument(
         "--source-path", default=None, help="image folder, save_to_disk folder or data set name"
@@ -88,6 +90,12 @@ def parser() -> argparse.ArgumentParser:
         help="colour transparent pixels are composited over: a name or #rrggbb (default: white)",
     )
     p.add_argument(
+        "--caption-templates",
+        default="",
+        help="digits: write each image's caption (.txt) from this template set of "
+        "fmgen.data.captions, e.g. digits (default: none)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -128,8 +136,33 @@ def parser() -> argparse.ArgumentParser:
     lat.add_argument(
         "--fit", choices=FITS, default="center-crop", help="webdataset: images of another size"
     )
-    lat.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
+    lat.add_argument(
+        "--batch-size", type=int, default=64, help="images (or captions) per encoder call"
+    )
     lat.add_argument("--device", default=None, help="default: CUDA when present, else the CPU")
+    txt = p.add_argument_group(
+        "text embeddings (--text-encoder; with --autoencoder the latents first, then the text; "
+        "under `accelerate launch` the processes split the shards)"
+    )
+    txt.add_argument(
+        "--text-encoder",
+        default=None,
+        help="a local transformers text encoder folder (config.json, model.safetensors, "
+        "tokenizer): write each caption's packed encoding (float16 KEY.text.npy) for "
+        "text.precomputed runs; keeps every member of fmgen's shards; resumable",
+    )
+    txt.add_argument(
+        "--caption-key", default="txt", help="the caption member (default: txt); a sample "
+        "without one gets the empty caption",
+    )  # fmt: skip
+    txt.add_argument(
+        "--text-max-length", type=int, default=TextConfig().max_length,
+        help=f"tokens per caption, as text.max_length (default: {TextConfig().max_length})",
+    )  # fmt: skip
+    txt.add_argument(
+        "--text-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+        help="the encoder's compute dtype, as text.dtype (default: float32)",
+    )  # fmt: skip
     return p
 
 
@@ -145,18 +178,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     def go() -> int:
         from fmgen.data.sources import summary_lines
 
-        if args.autoencoder:
-            m = prepare_latent_shards(args)
+        if args.autoencoder or args.text_encoder:
+            m = prepare_encoded_shards(args)
             if m is None:  # not the main process
                 return 0
         elif args.source in SOURCES:
             m = prepare_pixel_shards(args)
         else:
             raise FmgenError(
-                f"--source {args.source} encodes existing shards into latent shards and needs "
-                f"--autoencoder PATH (pixel shards train as they are: data.source={args.source})"
+                f"--source {args.source} encodes existing shards and needs --autoencoder PATH "
+                f"(latent shards) or --text-encoder PATH (text embeddings); pixel shards train as "
+                f"they are: data.source={args.source}"
             )
-        print("\n".join(summary_lines(m)))
+        print("\n".join(summary_lines(m) + text_lines(m)))
         return 0
 
     return run_guarded(go)
@@ -170,33 +204,60 @@ def _pixel_options(args: argparse.Namespace) -> dict:
                 quality=args.jpeg_quality, background=args.background,
                 samples_per_shard=args.samples_per_shard,
                 max_shard_bytes=int(args.max_shard_mb * 2**20), workers=args.workers,
-                strict=args.strict)  # fmt: skip
+                strict=args.strict,
+                **({"caption_templates": args.caption_templates} if args.caption_templates else {}))  # fmt: skip
 
 
-def prepare_latent_shards(args: argparse.Namespace):
-    """Latent shards, split across the processes of ``accelerate launch``; the manifest on the
-    main process (None on the others)."""
+def prepare_encoded_shards(args: argparse.Namespace):
+    """Latent shards, text shards or both, split across the processes of ``accelerate launch``
+    (or torchrun); the manifest on the main process (None on the others)."""
     import torch
     from accelerate import PartialState
 
     from fmgen.cli import device_from_arg
     from fmgen.data.latents import prepare_latents
+    from fmgen.data.text_embeddings import prepare_text
     from fmgen.train.dist import any_rank
 
+    if args.text_encoder:  # our own progress bar and warnings; an error stays one line
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
     state = PartialState(cpu=not torch.cuda.is_available())
     device = device_from_arg(args.device) or state.device
     paths = args.data_path or []
     options = _pixel_options(args) if args.source in SOURCES else {
         "resolution": args.resolution, "channels": args.channels}  # fmt: skip
-    m = prepare_latents(
-        args.source, args.out, autoencoder=args.autoencoder,
+    common = dict(
         data_path=paths[0] if len(paths) == 1 else paths, manifest=args.manifest,
         num_classes=args.num_classes, image_key=args.image_key, label_key=args.label_key,
         fit=args.fit, batch_size=args.batch_size, device=device, rank=state.process_index,
         world_size=state.num_processes, any_failed=lambda failed: any_rank(failed, state.device),
         overwrite=args.overwrite, progress=not args.no_progress, **options,
     )  # fmt: skip
+    if args.text_encoder:
+        m = prepare_text(args.source, args.out, text_encoder=args.text_encoder,
+                         caption_key=args.caption_key, max_length=args.text_max_length,
+                         dtype=args.text_dtype, autoencoder=args.autoencoder, **common)  # fmt: skip
+    else:
+        m = prepare_latents(args.source, args.out, autoencoder=args.autoencoder,
+                            caption_key=args.caption_key, **common)  # fmt: skip
     return m if state.is_main_process else None
+
+
+def text_lines(m) -> list[str]:
+    """The summary of a manifest's text section (none without one)."""
+    t = m.text
+    if t is None:
+        return []
+    e = t["encoder"]
+    return [
+        f"text: {t['captions']} caption(s) (.{t['caption_key']}) as float16 rows of width "
+        f"{t['width']} (.{t['member']}) from {e['architecture']} {e['path']} (hash "
+        f"{e['hash'][:12]}, {e['dtype']}), max_length {t['max_length']}; {t['uncaptioned']} "
+        f"without a caption (the empty caption), {t['truncated']} truncated"
+    ]
 
 
 def prepare_pixel_shards(args: argparse.Namespace):

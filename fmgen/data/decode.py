@@ -16,6 +16,10 @@ A caption member (``caption_key``, e.g. img2dataset's ``txt``) rides along as te
 Latent shards (``prepare --autoencoder``; ``Decoding.latent`` set) hold each sample's latent
 and its mirror image's latent as float16 ``.npy`` members; ``decode_latent`` takes the one the
 flip augmentation asks for, since flipping a latent is not the latent of the flipped image.
+
+Text shards (``prepare --text-encoder``; ``Decoding.text`` set) hold each caption's packed
+frozen-encoder output (``fmgen.models.conditioning.TextConditioning.pack``) as the float16 row
+``KEY.text.npy`` (shape (F,)); ``decode_text`` reads it beside the image or latent.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ LATENT_MEMBER, FLIPPED_MEMBER = (
     "latent_flip.npy",
 )  # KEY.latent.npy, KEY.latent_flip.npy
 LATENT_DTYPE = np.float16
+TEXT_MEMBER = "text.npy"  # KEY.text.npy: the caption's packed text row, float16 (F,)
+TEXT_DTYPE = np.float16
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # naming the format skips PIL's probing of every other one; other keys probe
 _PIL_FORMATS = {"png": ("PNG",), "jpg": ("JPEG",), "jpeg": ("JPEG",), "webp": ("WEBP",)}
@@ -53,6 +59,7 @@ class Decoding:
     caption_key: str = ""  # "" = no captions
     fit: str = "center-crop"
     latent: tuple[int, ...] = ()  # (c, h, w) of latent shards' latents; () = decode the image
+    text: int = 0  # F, the width of text shards' rows (.text.npy); 0 = read no text rows
 
 
 class Unusable(Exception):
@@ -76,6 +83,10 @@ def hint(kind: str, d: Decoding) -> str:
         "prepare them again with --autoencoder",
         "latent-shape": "the latents differ from the manifest's latent shape (float16); prepare "
         "the shards again",
+        "no-text": f"the samples have no .{TEXT_MEMBER} member (damaged text shards); prepare them "
+        f"again with --text-encoder PATH, or set text.precomputed=false",
+        "text-shape": f"the .{TEXT_MEMBER} rows differ from the manifest's text width ({d.text}, "
+        f"float16); prepare the shards again with --text-encoder PATH",
     }.get(kind, "the shards look corrupt")
 
 
@@ -130,7 +141,7 @@ def decode(members: dict[str, bytes], d: Decoding, where: str) -> tuple[np.ndarr
         raise Unusable("undecodable", f"undecodable .{key}: {type(e).__name__}: {e}") from None
     if arr.shape[:2] != (r, r):
         raise Unusable("size", f"image is {arr.shape[1]}x{arr.shape[0]}, not {r}x{r}")
-    label, caption = _label_and_caption(members, d, where)
+    label, caption = label_and_caption(members, d, where)
     return arr.reshape(r, r, d.channels), label, caption
 
 
@@ -149,11 +160,35 @@ def decode_latent(
         raise Unusable(
             "latent-shape", f".{name} is {arr.dtype} {arr.shape}, not float16 {d.latent}"
         )
-    label, caption = _label_and_caption(members, d, where)
+    label, caption = label_and_caption(members, d, where)
     return arr, label, caption
 
 
-def _label_and_caption(members: dict[str, bytes], d: Decoding, where: str) -> tuple[int, str]:
+def decode_text(members: dict[str, bytes], d: Decoding) -> np.ndarray:
+    """-> the sample's float16 (F,) text row (``d.text`` = F); ``Unusable`` for a sample to skip."""
+    if TEXT_MEMBER not in members:
+        raise Unusable("no-text", f"no .{TEXT_MEMBER} member (has {sorted(members)})")
+    try:  # allow_pickle=False: a .npy member holding objects is refused, never unpickled
+        row = np.load(io.BytesIO(members[TEXT_MEMBER]), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise Unusable("undecodable", f"unreadable .{TEXT_MEMBER}: {e}") from None
+    if row.shape != (d.text,) or row.dtype != TEXT_DTYPE:
+        raise Unusable(
+            "text-shape", f".{TEXT_MEMBER} is {row.dtype} {row.shape}, not float16 ({d.text},)"
+        )
+    return row
+
+
+def no_text_message(where: str) -> str:
+    """What to do with shards that hold no text embeddings (their manifest has no text section)."""
+    return (
+        f"{where} holds no text embeddings (no text section in its manifest.json); prepare with "
+        f"--text-encoder PATH (`python -m fmgen.data prepare --source shards --data-path {where} "
+        f"--text-encoder PATH --out NEW`), or set text.precomputed=false"
+    )
+
+
+def label_and_caption(members: dict[str, bytes], d: Decoding, where: str) -> tuple[int, str]:
     label = 0
     if d.label_key:
         try:

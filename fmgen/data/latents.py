@@ -8,7 +8,9 @@ folder ``OUT/.pixels`` (removed at the end).
 Output shard i holds the usable samples of input shard i: the image (the pixel shard's own
 bytes; a PNG of the fitted image for WebDataset input), ``cls``, ``json``, and the float16
 ``KEY.latent.npy`` and ``KEY.latent_flip.npy``: the ``raw`` latents (``fmgen.models.autoencoder``)
-of the image and of its mirror image, so flip augmentation stays exact in latent space.
+of the image and of its mirror image, so flip augmentation stays exact in latent space. Every
+other member of fmgen's pixel shards rides along (captions, text rows, with the manifest's text
+section), and the caption member (``caption_key``) of WebDataset input.
 
 Work: batches of ``batch_size`` images on the device; process r of w (``accelerate launch``)
 encodes the shards i with i % w == r, so the shards do not depend on the process count. A
@@ -24,8 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,13 +41,15 @@ from fmgen.data.decode import (
 )
 from fmgen.data.encoding import (
     EncodeInput,
-    done_name,
     encode_shard,
     finished_record,
+    finished_records,
+    install_shards,
     pixel_shards_input,
-    record_name,
+    remove_work_files,
     shard_job,
     shard_names,
+    stages,
     webdataset_input,
 )
 from fmgen.data.shards import (
@@ -56,7 +58,6 @@ from fmgen.data.shards import (
     Manifest,
     ShardInfo,
     files_to_replace,
-    fsync_dir,
     read_manifest,
     write_durably,
     write_manifest,
@@ -92,26 +93,9 @@ def latent_section(ae: KLAutoencoder, d: Decoding, records: list[dict[str, Any]]
 def finish(out: Path, inputs: EncodeInput, ae: KLAutoencoder, old: list[Path]) -> Manifest:
     """Rename every encoded shard into place and write the manifest (main process, last)."""
     names = shard_names(inputs)
-    records = []
-    for i, name in enumerate(names):
-        record = finished_record(out, name, shard_job(inputs, i, ae))
-        if record is None:
-            raise DataError(f"shard {name} of {out} was not encoded (another process failed?); run prepare again: it resumes")  # fmt: skip
-        records.append(record)
-    written = [(n, r) for n, r in zip(names, records, strict=True) if r["samples"]]
-    if not written:
-        raise DataError(f"no usable samples in {len(names)} input shard(s): nothing to write to {out}")  # fmt: skip
+    records, written = finished_records(out, names, lambda i: shard_job(inputs, i, ae), "latent")
     section = latent_section(ae, inputs.decoding, [r for _, r in written])
-    for p in old:  # the old manifest goes first: no manifest ever lists a mix of shards
-        if p.name == MANIFEST:
-            p.unlink(missing_ok=True)
-    for name, _ in written:
-        os.replace(out / done_name(name), out / name)
-    new = {name for name, _ in written}
-    for p in old:
-        if p.name != MANIFEST and p.name not in new:
-            p.unlink(missing_ok=True)
-    fsync_dir(out)
+    install_shards(out, [name for name, _ in written], old, "latent")
     shards = tuple(ShardInfo(name, r["samples"], *r["labels"]) for name, r in written)
     per_class = np.sum([r["per_class"] for _, r in written], axis=0).tolist()
     split = {**inputs.split, "unreadable": int(inputs.split.get("unreadable", 0))
@@ -124,19 +108,14 @@ def finish(out: Path, inputs: EncodeInput, ae: KLAutoencoder, old: list[Path]) -
                  channels=inputs.decoding.channels, image_format=inputs.image_format,
                  jpeg_quality=inputs.jpeg_quality, shards=shards,
                  pattern=f"{inputs.prefix}-{{{first}..{last}}}.tar", split=split,
-                 source=inputs.source, root=out, latent=section)  # fmt: skip
+                 source=inputs.source, root=out, latent=section, text=inputs.text)  # fmt: skip
     write_manifest(m, out)
-    for name in names:
-        (out / record_name(name)).unlink(missing_ok=True)
-    stale = re.compile(rf"\.{re.escape(inputs.prefix)}-\d{{6}}\.tar\.(tmp|latent)")
-    for p in out.iterdir():
-        if stale.fullmatch(p.name):
-            p.unlink()
+    remove_work_files(out, names, inputs.prefix, "latent")
     shutil.rmtree(out / PIXELS, ignore_errors=True)
     return m
 
 
-def _pixels(source: str, out: Path, options: dict[str, Any], progress: bool) -> Path:
+def pixel_work_shards(source: str, out: Path, options: dict[str, Any], progress: bool) -> Path:
     """Pixel shards of a prepare source in ``OUT/.pixels``, reused when the same were asked for."""
     folder, request = (
         out / PIXELS,
@@ -159,8 +138,8 @@ def prepare_latents(
     source: str, out_dir: str | Path, *, autoencoder: str | Path | KLAutoencoder,
     data_path: str | Sequence[str] | None = None, manifest: str | None = None,
     num_classes: int | None = None, image_key: str = "", label_key: str = "cls",
-    fit: str = "center-crop", batch_size: int = 64, device: torch.device | str | None = None,
-    rank: int = 0, world_size: int = 1, any_failed: Callable[[bool], bool] | None = None,
+    fit: str = "center-crop", caption_key: str = "", batch_size: int = 64,
+    device: torch.device | str | None = None, rank: int = 0, world_size: int = 1, any_failed: Callable[[bool], bool] | None = None,
     overwrite: bool = False, progress: bool = True, **pixel_options: Any,
 ) -> Manifest:  # fmt: skip
     """Write latent shards of a source into ``out_dir``; returns the manifest (every process).
@@ -168,7 +147,8 @@ def prepare_latents(
     Args:
         source: "shards" (fmgen's pixel shards in ``data_path``), "webdataset" (any shards
             ``data_path`` names, read with ``manifest``, ``num_classes``, ``image_key``,
-            ``label_key``, ``fit`` and ``pixel_options``' resolution and channels), or a source
+            ``label_key``, ``fit`` and ``pixel_options``' resolution and channels; the
+            ``caption_key`` member rides along), or a source
             of ``prepare`` (digits, folder, hf; ``pixel_options`` go to it).
         autoencoder: the AutoencoderKL folder (or stage).
         batch_size: images per encoder call; device: default the best one (CUDA if present).
@@ -178,7 +158,6 @@ def prepare_latents(
         overwrite: replace latent or pixel shards fmgen wrote into ``out_dir`` from this source.
     """
     out = Path(out_dir)
-    agree = any_failed or (lambda failed: failed)
     ae = (
         autoencoder
         if isinstance(autoencoder, KLAutoencoder)
@@ -201,17 +180,7 @@ def prepare_latents(
         size = resolution or ae.downsample
         ae.latent_shape((channels or (1 if source == "digits" else 3), size, size))
 
-    def stage(work: Callable[[], Any], everyone: bool) -> Any:
-        """``work`` on the main process (or every one); all fail together if one fails."""
-        result, error = None, None
-        if everyone or rank == 0:
-            try:
-                result = work()
-            except Exception as e:  # re-raised below, after the other processes know
-                error = e
-        if agree(error is not None):
-            raise error if error is not None else DataError("another process failed; see its error")
-        return result
+    stage = stages(rank, any_failed)  # work on the main process (or every one), failing together
 
     def check_out() -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
@@ -224,12 +193,12 @@ def prepare_latents(
             res, ch = int(resolution or 0), int(channels or 0)
             return webdataset_input(data_path, resolution=res, channels=ch, manifest=manifest,  # type: ignore[arg-type]
                                     num_classes=num_classes, image_key=image_key,
-                                    label_key=label_key, fit=fit)  # fmt: skip
+                                    label_key=label_key, fit=fit, caption_key=caption_key)  # fmt: skip
         return pixel_shards_input(out / PIXELS, source=read_manifest(out / PIXELS).source)
 
     stage(check_out, everyone=False)
     if source in SOURCES:
-        stage(lambda: _pixels(source, out, pixel_options, progress), everyone=False)
+        stage(lambda: pixel_work_shards(source, out, pixel_options, progress), everyone=False)
     inputs: EncodeInput = stage(input_of, everyone=True)
     ae.latent_shape(
         (inputs.decoding.channels, inputs.decoding.resolution, inputs.decoding.resolution)

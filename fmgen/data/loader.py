@@ -37,13 +37,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fmgen.data.decode import FITS, Decoding
+from fmgen.data.decode import FITS, Decoding, no_text_message
 from fmgen.data.index import ShardIndex
 from fmgen.data.locate import (
     NOMINAL_SHARD_SAMPLES,
@@ -111,12 +112,15 @@ class ShardLoader:
         latents: latent shards (``prepare --autoencoder``) yield their latents; False: their
             images (an FID reference reads the pixels of latent shards).
         mirror: every sample mirrored (the image flipped, or the mirror image's latent).
+        text: also yield each sample's precomputed text row (shards written by ``prepare
+            --text-encoder``; their manifest's text section is ``text_info``).
 
     Yields:
         images (B, C, H, W) float32 in [-1, 1] (``x / 127.5 - 1`` of the stored uint8), or of
         latent shards the latents (B, c, h, w) in the model's space (normalized per channel
         with the manifest's statistics), labels (B,) int64, with ``return_keys`` the keys,
-        with ``caption_key`` the captions.
+        with ``caption_key`` the captions, with ``text`` the text rows (B, F) float32 (the
+        float16 ``TextConditioning.pack`` rows as stored): ``(x, y[, keys][, captions][, rows])``.
     """
 
     def __init__(
@@ -146,6 +150,7 @@ class ShardLoader:
         fit: str = "center-crop",
         latents: bool = True,
         mirror: bool = False,
+        text: bool = False,
     ):
         r0, w0 = _default_rank_world()
         rank = r0 if rank is None else rank
@@ -187,6 +192,12 @@ class ShardLoader:
             if latent:  # yielded in the model's space: (raw - mean) / std per channel
                 self._latent_stats = (torch.tensor(latent["mean"]).view(1, -1, 1, 1),
                                       torch.tensor(latent["std"]).view(1, -1, 1, 1))  # fmt: skip
+        if text:
+            info = self.text_info
+            if info is None:
+                where = self.manifest.root if self.manifest and self.manifest.root else source
+                raise DataError(no_text_message(str(where)))
+            decoding = replace(decoding, text=int(info["width"]))
         self._class_names = names
         lanes = max(1, num_workers)
         streams = world_size * lanes
@@ -295,6 +306,12 @@ class ShardLoader:
     def latents(self) -> dict[str, Any] | None:
         """The manifest's latent section when the loader yields latents (else None)."""
         return self.manifest.latent if self._latent_stats is not None and self.manifest else None
+
+    @property
+    def text_info(self) -> dict[str, Any] | None:
+        """The manifest's text section (shards written by ``prepare --text-encoder``), else None;
+        the rows are yielded only with ``text=True``."""
+        return self.manifest.text if self.manifest is not None else None
 
     @property
     def batches_per_epoch(self) -> int | None:
@@ -421,6 +438,8 @@ class ShardLoader:
                     extra = ([it.keys] if spec.return_keys else []) + (
                         [it.captions] if spec.decoding.caption_key else []
                     )
+                    if spec.decoding.text:  # float16 as stored, exact in float32: (B, F)
+                        extra.append(torch.from_numpy(it.texts).float())  # type: ignore[arg-type]
                     yield (x, y, *extra)
         finally:
             self._skipped_base += sum(self._skipped_live)

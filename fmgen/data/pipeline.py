@@ -51,6 +51,20 @@ def check_data_config(cfg: DataConfig) -> None:
             f"data.path: a list of shards needs data.source=webdataset; data.source="
             f"{cfg.source!r} takes one folder"
         )
+    if cfg.caption_templates:
+        from fmgen.data.captions import TEMPLATE_SETS
+
+        if cfg.caption_templates not in TEMPLATE_SETS:
+            raise ConfigError(
+                f"data.caption_templates: {cfg.caption_templates!r} is not a template set; choose "
+                f"one of: {', '.join(map(repr, TEMPLATE_SETS))} (or '' for the shards' own captions)"
+            )
+        if cfg.source not in ("digits", "shards"):
+            raise ConfigError(
+                f"data.caption_templates={cfg.caption_templates!r} captions the digits fmgen "
+                f"prepares; data.source={cfg.source!r} brings its own captions (data.caption_key): "
+                f"set data.caption_templates="
+            )
 
 
 def _foreign_shards(folder: Path) -> list[Path]:
@@ -63,15 +77,31 @@ def _foreign_shards(folder: Path) -> list[Path]:
 def ensure_shards(cfg: DataConfig, autoencoder: str = "") -> Path:
     """Prepare the shards named by the config if their manifest is missing; return the folder.
 
-    ``autoencoder`` (``model.autoencoder``): missing shards are prepared as latent shards."""
+    ``autoencoder`` (``model.autoencoder``): missing shards are prepared as latent shards.
+    ``data.caption_templates``: shards must hold captions of that template set as it is now
+    (the manifest's ``source.captions``); other shards are refused, never prepared over."""
+    from fmgen.data.captions import same_captions
+
     folder = Path(cfg.path)
     if (folder / "manifest.json").is_file():
-        kind = read_manifest(folder).source.get("kind")
+        record = read_manifest(folder).source
+        kind = record.get("kind")
         if cfg.source in SOURCES and kind != cfg.source:  # digits, folder or hf asked for
             raise DataError(
                 f"data.path={cfg.path!r} holds shards prepared from {kind!r}, not from "
                 f"data.source={cfg.source!r}; set data.source=shards to train on them, or point "
                 f"data.path at a new folder to prepare {cfg.source!r} into"
+            )
+        # a text model on captionless shards would train on empty captions: unconditional
+        have = record.get("captions")
+        if cfg.caption_templates and not same_captions(have, cfg.caption_templates):
+            was = (f"with captions of other templates ({have.get('templates')!r}, hash "
+                   f"{have.get('hash')})" if have else "without captions")  # fmt: skip
+            raise DataError(
+                f"data.path={cfg.path!r} holds shards prepared {was}, but "
+                f"data.caption_templates={cfg.caption_templates!r} asks for captions of the "
+                f"current {cfg.caption_templates!r} templates; point data.path at a new folder to "
+                f"prepare them into"
             )
         return folder
     foreign = _foreign_shards(folder)
@@ -94,7 +124,8 @@ def ensure_shards(cfg: DataConfig, autoencoder: str = "") -> Path:
     log.info("preparing %s shards in %s", cfg.source, folder)
     options = dict(resolution=cfg.resolution, channels=cfg.channels,
                    source_path=cfg.source_path or None, image_column=cfg.image_column,
-                   label_column=cfg.label_column or None)  # fmt: skip
+                   label_column=cfg.label_column or None,
+                   caption_templates=cfg.caption_templates)  # fmt: skip
     if autoencoder:
         from fmgen.data.latents import prepare_latents
 
@@ -113,13 +144,20 @@ class InMemoryData:
         mirrored: the samples of mirror images, for flips (latents: the mirror image's latent,
             which is not the flipped latent); None: ``images`` flipped.
         latents: the manifest's latent section of latent shards (None: images).
+        captions: every sample's caption (None: yield none); texts: their precomputed text rows
+            (N, F) float32 (None: yield none), ``text_info`` the manifest's text section.
+
+    Yields:
+        ``(x, y[, captions][, rows])``, as ``StreamData``.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, class_names: list[str], *, batch_size: int,
                  rank: int, world_size: int, seed: int, hflip: bool, mirrored: Tensor | None = None,
-                 latents: dict[str, Any] | None = None):  # fmt: skip
+                 latents: dict[str, Any] | None = None, captions: list[str] | None = None,
+                 texts: Tensor | None = None, text_info: dict[str, Any] | None = None):  # fmt: skip
         self.images, self.labels, self.class_names = images, labels, class_names
         self.mirrored, self.latents = mirrored, latents
+        self.captions, self.texts, self.text_info = captions, texts, text_info
         self.num_classes = len(class_names)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.hflip = seed, hflip
@@ -152,7 +190,12 @@ class InMemoryData:
                     m = self.mirrored[idx] if self.mirrored is not None else x.flip(-1)
                     x = torch.where(flips[idx, None, None, None], m, x)
                 self.batch_in_epoch += 1
-                yield x, self.labels[idx]
+                extra: list[Any] = []
+                if self.captions is not None:
+                    extra.append([self.captions[i] for i in idx.tolist()])
+                if self.texts is not None:
+                    extra.append(self.texts[idx])  # (b, F)
+                yield x, self.labels[idx], *extra
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
 
@@ -170,6 +213,11 @@ class StreamData:
     @property
     def latents(self) -> dict[str, Any] | None:
         return self.loader.latents
+
+    @property
+    def text_info(self) -> dict[str, Any] | None:
+        """The manifest's text section (``prepare --text-encoder``), else None."""
+        return self.loader.text_info
 
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
@@ -209,10 +257,14 @@ def read_all(source: Path | DataConfig, *, mirror: bool = False) -> tuple[Tensor
 
 def open_train_data(
     cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int, main: bool,
-    barrier: Callable[[], None], autoencoder: str = "",
+    barrier: Callable[[], None], autoencoder: str = "", text: bool = False,
 ) -> InMemoryData | StreamData:  # fmt: skip
     """The training stream of one rank; the main process prepares missing shards first (latent
-    shards when ``autoencoder``, the config's ``model.autoencoder``, is given)."""
+    shards when ``autoencoder``, the config's ``model.autoencoder``, is given).
+
+    ``text``: also yield each sample's precomputed text row (B, F) last, after the captions
+    (shards written by ``prepare --text-encoder``; ``.text_info`` is their manifest's section,
+    which the caller checks against its encoder with ``check_text_embeddings``)."""
     if cfg.source != "webdataset":
         if main:
             ensure_shards(cfg, autoencoder)
@@ -238,11 +290,28 @@ def open_train_data(
         shuffle_buffer=cfg.shuffle_buffer,
         hflip=cfg.hflip,
         drop_last=True,  # every step sees the same global batch size
+        text=text,
     )
+    if cfg.in_memory and text:
+        # one pass with the rows (and captions), so they line up with the samples held
+        whole = shard_loader(cfg, 1024, rank=0, world_size=1, resampled=False, shuffle_buffer=0,
+                             seed=0, text=True)  # fmt: skip
+        parts = list(zip(*whole, strict=True))
+        captions = [c for part in parts[2] for c in part] if cfg.caption_key else None
+        images, labels, texts = torch.cat(parts[0]), torch.cat(parts[1]), torch.cat(parts[-1])
+        mirrored = None
+        if cfg.hflip and loader.latents:
+            flipped = shard_loader(replace(cfg, caption_key=""), 1024, rank=0, world_size=1,
+                                   resampled=False, shuffle_buffer=0, seed=0, text=True, mirror=True)  # fmt: skip
+            mirrored = torch.cat([x for x, *_ in flipped])
+        return InMemoryData(images, labels, loader.class_names, batch_size=batch_size, rank=rank,
+                            world_size=world_size, seed=seed, hflip=cfg.hflip, mirrored=mirrored,
+                            latents=loader.latents, captions=captions, texts=texts,
+                            text_info=loader.text_info)  # fmt: skip
     if cfg.in_memory:
         images, labels = read_all(cfg)
         mirrored = read_all(cfg, mirror=True)[0] if cfg.hflip and loader.latents else None
         return InMemoryData(images, labels, loader.class_names, batch_size=batch_size, rank=rank,
                             world_size=world_size, seed=seed, hflip=cfg.hflip, mirrored=mirrored,
-                            latents=loader.latents)  # fmt: skip
+                            latents=loader.latents, text_info=loader.text_info)  # fmt: skip
     return StreamData(loader)

@@ -29,6 +29,11 @@ mirror image), and a ``"latent"`` section to the manifest: the latent shape, the
 mean and std of the stored latents, and the autoencoder's path, hash and factors. They keep
 the image, so FID references and the pixel resolution read as from any shards.
 
+Text shards (``prepare --text-encoder``, ``fmgen.data.text_embeddings``) add ``KEY.text.npy`` per
+sample (float16 (F,): the caption's packed frozen-encoder output) and a ``"text"`` section: the
+encoder's record (path, hash, architecture, dtype), max_length, token_dim, pooled_dim, width F,
+caption_key, the member name and the counts of uncaptioned and truncated captions.
+
 ``fmgen.data.sources`` turns data sets into ``Example`` s (``prepare``); ``fmgen.data`` streams shards.
 """
 
@@ -87,6 +92,7 @@ class Manifest:
     jpeg_quality: int | None = None
     root: Path | None = None  # the folder the manifest was read from / written to
     latent: dict[str, Any] | None = None  # latent shards: shape, mean, std, autoencoder
+    text: dict[str, Any] | None = None  # text shards: encoder, max_length, width, member
 
     @property
     def num_classes(self) -> int:
@@ -125,6 +131,7 @@ class Manifest:
             "split": self.split,
             "source": self.source,
             **({"latent": self.latent} if self.latent is not None else {}),
+            **({"text": self.text} if self.text is not None else {}),
         }
 
     @classmethod
@@ -158,6 +165,7 @@ class Manifest:
                 source=dict(d.get("source", {})),
                 root=root,
                 latent=dict(d["latent"]) if d.get("latent") is not None else None,
+                text=dict(d["text"]) if d.get("text") is not None else None,
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise DataError(
@@ -225,6 +233,7 @@ class Example:
     label: int
     id: int
     origin: str = ""
+    caption: str | None = None  # written as KEY.txt (UTF-8) when given
 
 
 @dataclass(frozen=True)
@@ -438,6 +447,8 @@ def write_shards(
                 "cls": str(ex.label).encode(),
                 "json": json.dumps(meta).encode(),
             }
+            if ex.caption is not None:
+                sample["txt"] = ex.caption.encode("utf-8")
             if shard is None or shard.count >= samples_per_shard or shard.bytes >= max_shard_bytes:
                 if shard is not None:
                     done.append(shard.finish())

@@ -16,6 +16,11 @@ another; each sample keeps its source index as key and ``id``.
 
 A file that cannot be read is skipped, named in a warning and counted in the manifest
 (``split.unreadable``); ``strict=True`` (``--strict``) stops at it instead.
+
+``caption_templates`` (digits only, e.g. "digits"): each sample also gets a caption, its
+``KEY.txt`` member (UTF-8), drawn from the training templates of ``fmgen.data.captions`` by its
+source index; the manifest's source record names the set (``source.captions``), so shards with
+and without captions are told apart. Without it the shards are exactly as before.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fmgen.data.captions import caption, caption_record
 from fmgen.data.images import EncodeSample, encoded, fit_image, open_loaded, parse_background
 from fmgen.data.shards import DataError, Example, Manifest, Skipped, write_shards
 
@@ -315,6 +321,8 @@ def prepare(
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    caption_templates: str = "",
+    caption_seed: int = 0,
 ) -> Manifest:
     """Write one split of a source as WebDataset shards plus ``manifest.json`` in ``out_dir``.
 
@@ -334,6 +342,8 @@ def prepare(
         samples_per_shard, max_shard_bytes: a shard is closed at whichever comes first.
         workers: processes that decode, fit and encode; the shards are the same for any count.
         strict: stop at the first unreadable image (DataError naming it) instead of skipping.
+        caption_templates: a template set of ``fmgen.data.captions`` ("" = no captions; digits
+            only): every sample gets a ``.txt`` caption, chosen by (``caption_seed``, its index).
 
     Returns:
         The manifest that was written (``summary_lines`` turns it into a report).
@@ -346,6 +356,12 @@ def prepare(
         raise DataError(f"the split and shuffle seeds must be >= 0, got {seed} and {shuffle_seed}")
     if workers < 1:
         raise DataError(f"workers must be >= 1 (1 = this process alone), got {workers}")
+    if caption_templates and source != "digits":
+        raise DataError(
+            f"caption templates ({caption_templates!r}) caption digits by their label; source "
+            f"{source!r} needs captions of its own (leave the templates empty)"
+        )
+    captions = caption_record(caption_templates, caption_seed) if caption_templates else None
     bg = parse_background(background)
     src = open_source(
         source, source_path, image_column=image_column, label_column=label_column, hf_split=hf_split
@@ -388,7 +404,12 @@ def prepare(
                     log.warning("skipping unreadable image %s: %s", src.origin(i), result)
                 yield Skipped(i, src.origin(i), result)
             else:
-                yield Example(result, int(src.labels[i]), i, src.origin(i))
+                label, origin = int(src.labels[i]), src.origin(i)
+                if captions:
+                    text = caption(caption_templates, label, i, caption_seed)
+                    yield Example(result, label, i, origin, caption=text)
+                else:  # no caption at all: the shards stay byte for byte as they were
+                    yield Example(result, label, i, origin)
         if skipped:
             log.warning(
                 "skipped %d unreadable image(s)%s",
@@ -396,6 +417,9 @@ def prepare(
                 f" ({LOGGED_UNREADABLE} named above)" if skipped > LOGGED_UNREADABLE else "",
             )
 
+    record = {**src.info, "background": "#{:02x}{:02x}{:02x}".format(*bg)}
+    if captions:
+        record["captions"] = captions
     split_info = {
         "name": split,
         "holdout_fraction": holdout_fraction,
@@ -414,7 +438,7 @@ def prepare(
             resolution=resolution,
             channels=channels,
             split=split_info,
-            source={**src.info, "background": "#{:02x}{:02x}{:02x}".format(*bg)},
+            source=record,
             image_format=fmt,
             jpeg_quality=quality,
             samples_per_shard=samples_per_shard,

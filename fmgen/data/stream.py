@@ -21,7 +21,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fmgen.data.decode import LATENT_DTYPE, Decoding, Unusable, decode, decode_latent, hint
+from fmgen.data.decode import (
+    LATENT_DTYPE,
+    TEXT_DTYPE,
+    Decoding,
+    Unusable,
+    decode,
+    decode_latent,
+    decode_text,
+    hint,
+)
 from fmgen.data.shards import DataError
 from fmgen.data.urls import discard, open_shard, start_shard
 
@@ -82,6 +91,7 @@ class LaneItem(NamedTuple):
     labels: np.ndarray | None  # (B,) int64
     keys: list[str] | None
     captions: list[str] | None
+    texts: np.ndarray | None  # (B, F) float16 text rows of text shards (Decoding.text = F)
     lane: int
     position: LanePosition  # after this item
     skipped: int  # corrupt samples this lane skipped since the iterator started
@@ -303,6 +313,7 @@ def _lane_batches(
     else:
         images = np.empty((B, r, r, c), np.uint8)
     labels = np.empty(B, np.int64)
+    texts = np.empty((B, d.text), TEXT_DTYPE) if d.text else None
     keys: list[str] = []
     captions: list[str] = []
     n = bad = used = 0
@@ -316,6 +327,7 @@ def _lane_batches(
             labels[:n].copy(),
             list(keys) if spec.return_keys else None,
             list(captions) if d.caption_key else None,
+            texts[:n].copy() if texts is not None else None,
             lane,
             position,
             skips.n,
@@ -330,6 +342,7 @@ def _lane_batches(
                 else:
                     arr, labels[n], caption = decode(members, d, f"{key} of {path}")
                     arr = arr[:, ::-1] if flip else arr
+                row = decode_text(members, d) if texts is not None else None
             except Unusable as e:
                 skips.add(f"{key} of {path}", str(e))
                 bad += 1
@@ -345,6 +358,8 @@ def _lane_batches(
                 continue
             bad, used = 0, used + 1
             images[n] = arr
+            if texts is not None:
+                texts[n] = row
             if spec.return_keys:
                 keys.append(key)
             if d.caption_key:
@@ -354,11 +369,13 @@ def _lane_batches(
                 end = spec.resampled and cursor == spec.lane_samples
                 yield item(n, LanePosition(epoch + 1, 0) if end else LanePosition(epoch, cursor))
                 images, labels, n = np.empty_like(images), np.empty_like(labels), 0
+                texts = np.empty_like(texts) if texts is not None else None
                 keys.clear()
                 captions.clear()
     if n and not spec.drop_last:
         yield item(n, LanePosition(epoch, cursor))
-    yield LaneItem("end", None, None, None, None, lane, LanePosition(epoch, cursor, True), skips.n)
+    end = LanePosition(epoch, cursor, True)
+    yield LaneItem("end", None, None, None, None, None, lane, end, skips.n)
 
 
 def lane_items(spec: LaneSpec, lane: int, start: LanePosition) -> Iterator[LaneItem]:
@@ -367,7 +384,7 @@ def lane_items(spec: LaneSpec, lane: int, start: LanePosition) -> Iterator[LaneI
         if spec.resampled or not start.done:
             yield from _lane_batches(spec, lane, start, skips)
     except DataError as e:  # re-raised by the main process with its own message, no worker trace
-        yield LaneItem("error", None, None, None, None, lane, start, skips.n, str(e))
+        yield LaneItem("error", None, None, None, None, None, lane, start, skips.n, str(e))
 
 
 class LaneDataset(torch.utils.data.IterableDataset):
