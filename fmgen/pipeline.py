@@ -86,13 +86,15 @@ class FlowPipeline(DiffusionPipeline):
     ``from_loaded(fmgen.models.load_model(...))`` for a training checkpoint.
     """
 
-    _optional_components = ["autoencoder"]
-    model_cpu_offload_seq = "backbone->autoencoder"
+    _optional_components = ["autoencoder", "text_encoder"]
+    model_cpu_offload_seq = "text_encoder->backbone->autoencoder"
 
     def __init__(self, backbone: ModelMixin, scheduler: SchedulerMixin,
-                 autoencoder: ModelMixin | None = None):  # fmt: skip
+                 autoencoder: ModelMixin | None = None,
+                 text_encoder: ModelMixin | None = None):  # fmt: skip
         super().__init__()
-        self.register_modules(backbone=backbone, scheduler=scheduler, autoencoder=autoencoder)
+        self.register_modules(backbone=backbone, scheduler=scheduler, autoencoder=autoencoder,
+                              text_encoder=text_encoder)  # fmt: skip
         self._loaded: LoadedModel | None = None
 
     # --- loading and saving ----------------------------------------------------------------------
@@ -121,14 +123,14 @@ class FlowPipeline(DiffusionPipeline):
             )
         kwargs["use_safetensors"] = True
         pipe = super().from_pretrained(src, **kwargs)
-        pipe._bind(assemble_export(src, meta, pipe.backbone))
+        pipe._bind(assemble_export(src, meta, pipe.backbone, text_encoder=pipe.text_encoder))
         return pipe
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, autoencoder: nn.Module | None = None) -> FlowPipeline:
         """A pipeline around a model fmgen loaded (``load_model``: an export or a checkpoint)."""
         pipe = cls(backbone=loaded.model.backbone, scheduler=stock_scheduler(),
-                   autoencoder=autoencoder)  # fmt: skip
+                   autoencoder=autoencoder, text_encoder=loaded.model.text_encoder)  # fmt: skip
         pipe._bind(loaded)
         return pipe
 
@@ -166,7 +168,8 @@ class FlowPipeline(DiffusionPipeline):
         """The FlowModel around the current ``backbone`` (moved, cast or replaced as it is)."""
         m = self._export().model
         return FlowModel(self.backbone, m.spec, prediction_type=m.prediction_type,
-                         conditioning=m.conditioning, sample_shape=m.sample_shape)  # fmt: skip
+                         conditioning=m.conditioning, sample_shape=m.sample_shape,
+                         text_encoder=self.text_encoder)  # fmt: skip
 
     @property
     def class_names(self) -> list[str]:
@@ -187,6 +190,9 @@ class FlowPipeline(DiffusionPipeline):
         guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         *,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | None = None,
+        num_images_per_prompt: int = 1,
         batch_size: int | None = None,
         seed: int | None = None,
         sampler: str | None = None,
@@ -194,8 +200,10 @@ class FlowPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
-        """Draw one image per class label (indices or class names), or ``batch_size`` images
-        with the null label (unconditional) when ``class_labels`` is None.
+        """Draw one image per class label (indices or class names), ``num_images_per_prompt``
+        images per ``prompt`` (text models; guidance steers away from ``negative_prompt``, by
+        default the export's ``sample.negative_prompt``, "" = the null caption), or
+        ``batch_size`` images with the null condition (unconditional) when neither is given.
 
         ``sampling`` (default: the export's ``sample.*``) is the solver, grid and guidance;
         ``sampler``, ``num_inference_steps`` and ``guidance_scale`` change its fields. Image i's
@@ -207,11 +215,19 @@ class FlowPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise PipelineError(f"output_type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")  # fmt: skip
         loaded, model = self._export(), self.flow_model
-        num, cond = self._conditions(class_labels, batch_size, model)
+        negative = None
+        if prompt is not None:
+            num, cond, negative = self._prompt_conditions(prompt, negative_prompt,
+                                                          num_images_per_prompt, class_labels, model)  # fmt: skip
+        else:
+            if model.reads_text and class_labels is not None:
+                raise PipelineError("this model reads text, not class labels: pass prompt=... (or batch_size=N for unconditional images)")  # fmt: skip
+            num, cond = self._conditions(class_labels, batch_size, model)
         spec = self._spec(sampling, sampler, num_inference_steps, guidance_scale)
         progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
         images = generate(model, loaded.path, spec, num=num, cond=cond, seed=_seed(seed, generator),
-                          device=self.device, autoencoder=self._stage, progress=progress)  # fmt: skip
+                          device=self.device, autoencoder=self._stage, progress=progress,
+                          negative=negative)  # fmt: skip
         self.maybe_free_model_hooks()
         out = _convert(images, output_type)
         return ImagePipelineOutput(images=out) if return_dict else (out,)
@@ -236,6 +252,23 @@ class FlowPipeline(DiffusionPipeline):
                 f"drop batch_size or repeat the labels"
             )
         return len(labels), labels
+
+    def _prompt_conditions(self, prompt: Any, negative_prompt: str | None, per_prompt: int,
+                           class_labels: Any, model: FlowModel) -> tuple[int, Tensor, Tensor | None]:  # fmt: skip
+        """The condition rows of ``per_prompt`` images of each prompt, and of the negative one."""
+        if not model.reads_text:
+            raise PipelineError("prompt given, but this model was trained without text; pass class_labels (or batch_size) instead")  # fmt: skip
+        if class_labels is not None:
+            raise PipelineError("give prompt or class_labels, not both")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise PipelineError(f"prompt must be a string or a list of strings; got {prompt!r}")
+        if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
+            raise PipelineError(f"num_images_per_prompt must be a whole number >= 1; got {per_prompt!r}")  # fmt: skip
+        cond = model.encode_prompts(prompts).repeat_interleave(per_prompt, dim=0)
+        neg = self._export().config.sample.negative_prompt if negative_prompt is None else negative_prompt
+        negative = model.encode_prompts([neg]).expand(len(cond), -1).clone() if neg else None
+        return len(cond), cond, negative
 
     def _label_ids(self, class_labels: Any, num_classes: int) -> Tensor:
         """Class indices 0..num_classes-1 (the null label is asked for by passing none)."""

@@ -59,6 +59,12 @@ def parser() -> argparse.ArgumentParser:
         "--inception-weights", default="", help="local Inception weights file (offline clusters)"
     )
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    p.add_argument("--prompts-file", default=None,
+                   help="text models: prompts, one per line; sample i gets prompt i mod their count "
+                   "(default: the null caption, unconditional samples)")  # fmt: skip
+    p.add_argument("--clip", default=None,
+                   help="a local CLIP folder (CLIPModel + CLIPProcessor save_pretrained): adds the "
+                   "samples' CLIP score (torchmetrics' CLIPScore) to the record; needs --prompts-file")  # fmt: skip
     add_sampling_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -120,11 +126,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             kind = parse_feature_network(cfg.eval.feature_network, cfg.eval.feature_network_path,
                                          flags=CLI_FLAGS).kind  # fmt: skip
             default_out = Path(loaded.source) / f"fid-{kind}.json"
+            from fmgen.eval.sampling import read_prompts_file
+
+            prompts = read_prompts_file(args.prompts_file) if args.prompts_file else None
             record = fid_of_model(loaded.model, loaded.path, cfg, step=loaded.step, weights=loaded.weights,
                                   spec=spec, autoencoder=loaded.autoencoder, accelerator=acc,
-                                  num_samples=args.num_samples, out=out or default_out, seed=args.seed)  # fmt: skip
+                                  num_samples=args.num_samples, out=out or default_out, seed=args.seed,
+                                  prompts=prompts, clip=args.clip or "")  # fmt: skip
             if not acc.is_main_process:
                 return 0
+            if "clip_score" in record:
+                print(f"CLIP score {record['clip_score']['clip_score']:.4f} ({args.clip})")
         pr = (f", precision {record['precision']:.4f}, recall {record['recall']:.4f} "
               f"(k={record['precision_recall']['k']})" if record["precision"] is not None else "")  # fmt: skip
         print(f"FID {record['fid']:.4f}{pr} ({record['num_generated']} generated vs {record['num_reference']} "

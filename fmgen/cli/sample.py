@@ -35,6 +35,14 @@ def parser() -> argparse.ArgumentParser:
     who.add_argument("--labels", help="comma-separated class indices, e.g. 3,3,7")
     who.add_argument("--per-class", type=int, help="N samples of every class (grid rows = classes)")
     who.add_argument("--num-samples", type=int, help="N unconditional samples")
+    who.add_argument("--prompt", action="append", default=None,
+                     help='text models: a prompt (repeatable: --prompt "a red car" --prompt "a cat")')  # fmt: skip
+    who.add_argument("--prompts-file", help="text models: a UTF-8 file, one prompt per line")
+    p.add_argument("--num-per-prompt", type=int, default=None,
+                   help="text models: samples per prompt (grid rows = prompts; default sample.per_class)")  # fmt: skip
+    p.add_argument("--negative-prompt", default=None,
+                   help="text models: guidance steers away from this prompt instead of the empty one "
+                   "(default: the config's sample.negative_prompt)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: the accelerator's)"
@@ -58,6 +66,7 @@ def sample_command(args: Any) -> str:
 
     from fmgen.config import sampling_spec
     from fmgen.eval import draw_samples, sample_request
+    from fmgen.eval.sampling import read_prompts_file
     from fmgen.models import load_model
 
     if args.grid_max <= 0:
@@ -73,8 +82,11 @@ def sample_command(args: Any) -> str:
     device = device or state.device
     loaded = load_model(args.checkpoint, weights=args.weights, device=device)
     spec = spec_from_args(sampling_spec(loaded.config), args)
+    prompts = read_prompts_file(args.prompts_file) if args.prompts_file else args.prompt
     request = sample_request(loaded, labels=args.labels, num_samples=args.num_samples,
-                             per_class=args.per_class)  # fmt: skip
+                             per_class=args.per_class, prompts=prompts,
+                             num_per_prompt=args.num_per_prompt,
+                             negative_prompt=args.negative_prompt)  # fmt: skip
     lines = draw_samples(loaded, spec, request, state=state, device=device, seed=args.seed,
                          precision=args.precision, grid=Path(args.out) if args.out else None,
                          grid_max=args.grid_max, out_dir=Path(args.out_dir) if args.out_dir else None,

@@ -1,10 +1,11 @@
 """Evaluation: generation from a model, images and grids, FID and its feature networks, and
-end-of-training reports (the digits judge).
+end-of-training reports (the digits judge, of class-label and of text models).
 
 Importing this package registers every built-in feature network and report.
 """
 
 from fmgen.eval.digits import digits_report  # registers the digits-classifier feature network
+from fmgen.eval.digits_text import digits_text_report
 from fmgen.eval.features import FEATURE_NETWORKS, EvalError, FeatureSpec, feature_spec
 from fmgen.eval.fid import fid_against_reference, score_against_reference
 from fmgen.eval.generate import NOISE_BLOCK, SampleError, block_noise, generate, model_field
@@ -26,6 +27,7 @@ __all__ = [
     "block_noise",
     "check_eval_config",
     "digits_report",
+    "digits_text_report",
     "draw_samples",
     "feature_spec",
     "fid_against_reference",

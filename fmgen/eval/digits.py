@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fmgen.config import Config, sampling_spec
+from fmgen.core.sampling import SamplingSpec
 from fmgen.data import digits_images
 from fmgen.eval.features import (
     FeatureSpec,
@@ -232,33 +233,9 @@ def digits_report(
         pred = classify(clf.model, guided)
         report["guided_accuracy"] = float((pred == labels).float().mean())
         report["guided_samples"] = len(labels)
-    null = model.conditioning.null(n)
-    uncond = generate(model, path, spec.replace(guidance=1.0), num=n, cond=null, seed=2, **common)
-    counts = torch.bincount(classify(clf.model, uncond), minlength=num_classes).float()
-    frac = (counts / counts.sum()).tolist()
-    report.update({
-        "unconditional_samples": n,
-        "unconditional_class_fractions": [round(f, 4) for f in frac],
-        "unconditional_max_fraction": max(frac),
-        "unconditional_classes_covered": int((counts > 0).sum()),
-    })  # fmt: skip
-    # FID with this classifier's features: samples vs the training split, next to the floor
-    # (a held-out real split vs the training split), with the same number of images on both.
-    x, _ = real_digits(cfg.data.resolution, cfg.data.channels)
-    tr, te = split_indices(len(x), 0.2, 0)
-    k = min(len(te), n if guided is None else len(guided))
-    report["fid_samples"] = k
-    if k > FEATURE_DIM:
-        fakes = {"unconditional": uncond[:k], "heldout": x[te][:k]}
-        if guided is not None:
-            pick = torch.randperm(len(guided), generator=torch.Generator().manual_seed(0))[:k]
-            fakes["guided"] = guided[pick]
-        fids = fids_against(x[tr], fakes, digits_spec(clf, cfg.data.channels))
-        for name, value in fids.items():
-            report[f"fid_{name}_vs_train"] = value
-    else:  # a singular covariance: no number rather than a meaningless one
-        log.warning("no FID in the digits report: %d samples <= %d feature dimensions; set "
-                    "eval.report_samples > %d", k, FEATURE_DIM, FEATURE_DIM)  # fmt: skip
+    uncond, coverage = unconditional_coverage(model, path, spec, clf, n, **common)
+    report.update(coverage)
+    report.update(fid_fields(clf, cfg, uncond, {} if guided is None else {"guided": guided}))
     report["passed"] = bool(
         report["classifier_heldout_accuracy"] >= 0.95
         and report.get("guided_accuracy", 1.0) >= 0.97
@@ -266,6 +243,50 @@ def digits_report(
         and report["unconditional_max_fraction"] <= 0.20
     )
     return report
+
+
+def unconditional_coverage(
+    model: Any, path: Any, spec: SamplingSpec, clf: TrainedClassifier, n: int, **common: Any
+) -> tuple[Tensor, dict[str, Any]]:
+    """n samples of the null condition (no guidance, seed 2) and the classes they fall in:
+    (images (n, C, R, R), the report's ``unconditional_*`` fields)."""
+    null = model.conditioning.null(n)
+    uncond = generate(model, path, spec.replace(guidance=1.0), num=n, cond=null, seed=2, **common)
+    num_classes = clf.model.meta["num_classes"]
+    counts = torch.bincount(classify(clf.model, uncond), minlength=num_classes).float()
+    frac = (counts / counts.sum()).tolist()
+    return uncond, {
+        "unconditional_samples": n,
+        "unconditional_class_fractions": [round(f, 4) for f in frac],
+        "unconditional_max_fraction": max(frac),
+        "unconditional_classes_covered": int((counts > 0).sum()),
+    }
+
+
+def fid_fields(
+    clf: TrainedClassifier, cfg: Config, uncond: Tensor, ordered: dict[str, Tensor]
+) -> dict[str, Any]:
+    """FID with the classifier's features: samples vs the training split, next to the floor
+    (a held-out real split vs the training split), with the same number k of images on all.
+
+    ``uncond`` (iid samples) gives its first k; each of ``ordered`` (samples in class or prompt
+    order) a seeded random k. -> ``fid_samples`` and ``fid_{unconditional,heldout,NAME}_vs_train``.
+    """
+    x, _ = real_digits(cfg.data.resolution, cfg.data.channels)
+    tr, te = split_indices(len(x), 0.2, 0)
+    k = min(len(te), len(uncond), *(len(v) for v in ordered.values()))
+    out: dict[str, Any] = {"fid_samples": k}
+    if k <= FEATURE_DIM:  # a singular covariance: no number rather than a meaningless one
+        log.warning("no FID in the digits report: %d samples <= %d feature dimensions; set "
+                    "eval.report_samples > %d", k, FEATURE_DIM, FEATURE_DIM)  # fmt: skip
+        return out
+    fakes = {"unconditional": uncond[:k], "heldout": x[te][:k]}
+    for name, samples in ordered.items():
+        pick = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))[:k]
+        fakes[name] = samples[pick]
+    fids = fids_against(x[tr], fakes, digits_spec(clf, cfg.data.channels))
+    out.update({f"fid_{name}_vs_train": value for name, value in fids.items()})
+    return out
 
 
 def digits_report_lines(q: dict[str, Any]) -> list[str]:

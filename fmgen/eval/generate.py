@@ -34,14 +34,16 @@ class SampleError(FmgenError, ValueError):
 
 
 def model_field(
-    model: FlowModel, path: GaussianPath, cond: Tensor | None, guidance: float
-) -> Field:
-    """The velocity field u(x, t) of the model for fixed conditions, with guidance if conditional."""
+    model: FlowModel, path: GaussianPath, cond: Tensor | None, guidance: float,
+    negative: Tensor | None = None,
+) -> Field:  # fmt: skip
+    """The velocity field u(x, t) of the model for fixed conditions, with guidance if
+    conditional; ``negative`` (the conditions of negative prompts) replaces the null condition."""
     if cond is None or not model.conditional:
         return velocity_field(lambda x, t: model(x, t, None), path, model.prediction_type)
     # guidance is affine, and so are the conversions: guiding the raw prediction equals
     # guiding the velocity it converts into
-    null = model.conditioning.null_like(cond)
+    null = model.conditioning.null_like(cond) if negative is None else negative.to(cond)
     return velocity_field(cfg_net(model, cond, null, guidance), path, model.prediction_type)
 
 
@@ -58,11 +60,13 @@ def generate(
     device: str | torch.device = "cpu",
     autoencoder: Autoencoder | None = None,
     progress: bool = False,
+    negative: Tensor | None = None,
 ) -> Tensor:
     """Images (num, C, H, W) in [-1, 1] for global sample indices start..start+num-1.
 
     ``cond`` (num, ...) holds the conditions of a conditional model (the null condition gives
-    unconditional samples); ``spec`` the solver, steps, grid and guidance. The solver's result
+    unconditional samples), ``negative`` (num, ...) optional conditions that guidance steers away
+    from instead of the null one (negative prompts); ``spec`` the solver, steps, grid and guidance. The solver's result
     is decoded by ``autoencoder`` (identity: pixel space). Every random number of sample i
     (initial noise, SDE increments) depends on (seed, i) only, so splitting the indices across
     calls or processes reproduces the same draws. Equal draws give bit-equal images only from
@@ -72,6 +76,8 @@ def generate(
     """
     try:
         model.conditioning.check(cond if model.conditional else None, num)
+        if negative is not None:
+            model.conditioning.check(negative, num)
     except ConditionError as e:
         raise SampleError(str(e)) from None
     ae = autoencoder or IdentityAutoencoder()
@@ -85,8 +91,9 @@ def generate(
         n = min(num - i, (block + 1) * NOISE_BLOCK - (start + i))  # stay inside one noise block
         x = block_noise(seed, start + i, n, shape).to(device=device, dtype=dtype)
         c = cond[i : i + n].to(device) if cond is not None and model.conditional else None
+        neg = negative[i : i + n].to(device) if negative is not None and c is not None else None
         noise = sde_noise(seed, start + i, n) if spec.stochastic else None  # SDE, churn
-        z = solve(spec, model_field(model, path, c, spec.guidance), x, path=path, noise=noise)
+        z = solve(spec, model_field(model, path, c, spec.guidance, neg), x, path=path, noise=noise)
         out.append(ae.decode(z).float().cpu())
         i += n
         bar.update(n)

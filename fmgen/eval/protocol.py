@@ -105,9 +105,13 @@ def fid_of_model(
     model: Any, path: Any, cfg: Config, *, step: int, weights: str,
     spec: SamplingSpec | None = None, autoencoder: Autoencoder | None = None,
     accelerator: Any = None, num_samples: int | None = None, out: Path | None = None,
-    seed: int = 0,
+    seed: int = 0, prompts: list[str] | None = None, clip: str = "",
 ) -> dict[str, Any]:  # fmt: skip
     """Generate samples (split across processes when ``accelerator`` is given), score, record.
+
+    Text models take ``prompts`` (sample i gets prompt i mod len(prompts); none: the null
+    caption, unconditional samples); ``clip`` (a local CLIP folder) adds their CLIP score to the
+    record (``fmgen.eval.clip_score``: torchmetrics' number) beside FID.
 
     ``spec`` defaults to the config's sampling options, ``num_samples`` to
     ``eval.fid_num_samples``. Each rank generates its blocks of the global sample indices
@@ -122,6 +126,14 @@ def fid_of_model(
     device = accelerator.device if accelerator else next(model.parameters()).device
     conditional = model.conditional
     labels = model.conditioning.balanced(n)
+    sample_prompts: list[str] | None = None
+    if prompts:
+        if not getattr(model, "reads_text", False):
+            raise EvalError("prompts were given, but this model was trained without text; drop --prompts-file")  # fmt: skip
+        sample_prompts = [prompts[i % len(prompts)] for i in range(n)]
+        labels = model.encode_prompts(list(prompts))[torch.arange(n) % len(prompts)]
+    elif clip:
+        raise EvalError("a CLIP score needs the prompts of the samples: give --prompts-file")
     t0 = time.perf_counter()
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     parts = [torch.empty((0, *shape), dtype=torch.uint8)]
@@ -162,7 +174,9 @@ def fid_of_model(
             "sampling": spec.to_dict(),
             "nfe": spec.nfe,
             "guidance": spec.guidance if conditional else None,
-            "conditions": "balanced (sample i: class i mod num_classes)" if conditional else "none",
+            "conditions": (f"prompts (sample i: prompt i mod {len(prompts)})" if sample_prompts
+                           else "balanced (sample i: class i mod num_classes)" if conditional
+                           else "none"),  # fmt: skip
             "weights": weights,
             "seed": seed,
             # the generated uint8 images themselves: equal hashes, equal images (any split)
@@ -172,6 +186,13 @@ def fid_of_model(
             "checkpoint_step": step,
             "seconds": round(time.perf_counter() - t0, 2),
         }
+        if sample_prompts is not None:
+            record["prompts_sha256"] = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+        if clip:
+            from fmgen.eval.clip_score import clip_record, load_clip
+
+            record["clip_score"] = clip_record(load_clip(clip, device), u8, sample_prompts,
+                                               sampling=spec.to_dict())  # fmt: skip
         out = out or Path(cfg.train.run_dir) / "eval" / f"fid-step{step:07d}.json"
         write_record(record, out)
         record["record"] = str(out)

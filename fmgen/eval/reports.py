@@ -1,4 +1,5 @@
-"""End-of-training reports, selected by ``eval.report`` (e.g. ``digits`` in configs/digits.yaml).
+"""End-of-training reports, selected by ``eval.report`` (e.g. ``digits`` in configs/digits.yaml,
+``digits-text`` in configs/digits-text.yaml).
 
 A report judges the final EMA model and returns a JSON-able dict (written to
 ``RUN_DIR/eval/<report>.json`` by training) plus the lines the command line prints.
@@ -12,6 +13,7 @@ from typing import Any
 
 from fmgen.config import Config, ConfigError
 from fmgen.eval.digits import digits_report, digits_report_lines
+from fmgen.eval.digits_text import digits_text_report, digits_text_report_lines
 from fmgen.eval.features import (
     FEATURE_DIMS,
     FEATURE_TRAINED_ON,
@@ -26,16 +28,23 @@ class Report:
     """``run(model, path, cfg, *, autoencoder, device) -> dict``; ``lines(result) -> [str]``.
 
     ``data_sources``: the ``data.source`` values the report can judge (empty: any).
+    ``text``: True = text models only (``model.text_encoder`` set), False = models without
+    text only, None = any.
     """
 
     name: str
     run: Callable[..., dict[str, Any]]
     lines: Callable[[dict[str, Any]], list[str]]
     data_sources: tuple[str, ...] = ()
+    text: bool | None = None
 
 
 REPORTS: dict[str, Report] = {
-    "digits": Report("digits", digits_report, digits_report_lines, data_sources=("digits",)),
+    # digits draws its guided samples per class label: a text model has none
+    "digits": Report("digits", digits_report, digits_report_lines, ("digits",), text=False),
+    "digits-text": Report(
+        "digits-text", digits_text_report, digits_text_report_lines, ("digits",), text=True
+    ),
 }
 
 
@@ -70,6 +79,14 @@ def check_eval_config(cfg: Config) -> None:
         raise ConfigError(
             f"eval.report={report.name!r} judges data.source "
             f"{' or '.join(report.data_sources)}, not {cfg.data.source!r}; set eval.report=''"
+        )
+    if report.text is not None and bool(cfg.model.text_encoder) != report.text:
+        other = [r.name for r in REPORTS.values() if r.text in (None, not report.text)]
+        raise ConfigError(
+            f"eval.report={report.name!r} judges "
+            f"{'text models (model.text_encoder set)' if report.text else 'models without text'}"
+            f", but model.text_encoder={cfg.model.text_encoder!r}; set eval.report to one of: "
+            f"{', '.join(map(repr, ['', *other]))}"
         )
 
 

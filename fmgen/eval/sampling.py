@@ -29,7 +29,9 @@ class SampleRequest:
 
     num: int
     cond: Tensor | None
-    per_class: int | None  # grid rows are classes when set
+    per_class: int | None  # grid rows are classes (or prompts) when set
+    row_names: list[str] | None = None  # prompts: the grid's row labels
+    negative: Tensor | None = None  # text models: the negative prompt's conditions (num, F)
 
 
 def parse_labels(text: str, num_classes: int) -> Tensor:
@@ -48,12 +50,61 @@ def parse_labels(text: str, num_classes: int) -> Tensor:
     return torch.tensor(values)
 
 
+def read_prompts_file(path: str) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SampleError(f"--prompts-file {path!r} cannot be read ({e.__class__.__name__}); give a UTF-8 text file, one prompt per line") from None  # fmt: skip
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise SampleError(f"--prompts-file {path!r} holds no prompt; write one prompt per line")
+    return prompts
+
+
+def prompt_request(loaded: LoadedModel, prompts: list[str], num_per_prompt: int,
+                   negative_prompt: str | None = None) -> SampleRequest:  # fmt: skip
+    """``num_per_prompt`` samples of each prompt (grid rows = prompts), sample i of prompt j at
+    index j * num_per_prompt + i."""
+    model = loaded.model
+    if not model.reads_text:
+        raise SampleError(
+            "--prompt given, but this model was trained without text (class labels or none); "
+            "use --labels, --per-class or --num-samples"
+        )
+    if num_per_prompt <= 0:
+        raise SampleError(f"--num-per-prompt must be > 0; got {num_per_prompt}")
+    cond = model.encode_prompts(prompts).repeat_interleave(num_per_prompt, dim=0)
+    neg = loaded.config.sample.negative_prompt if negative_prompt is None else negative_prompt
+    negative = None
+    if neg:
+        negative = model.encode_prompts([neg]).expand(len(cond), -1).clone()
+    return SampleRequest(len(cond), cond, num_per_prompt, list(prompts), negative)
+
+
 def sample_request(
     loaded: LoadedModel, *, labels: str | None = None, num_samples: int | None = None,
-    per_class: int | None = None,
+    per_class: int | None = None, prompts: list[str] | None = None,
+    num_per_prompt: int | None = None, negative_prompt: str | None = None,
 ) -> SampleRequest:  # fmt: skip
-    """Labels ("3,3,7"), N unconditional samples, or N per class (the default grid)."""
+    """Labels ("3,3,7"), prompts, N unconditional samples, or N per class (the default grid;
+    for a text model N per prompt of ``sample.prompts``)."""
     model = loaded.model
+    k = num_per_prompt or (per_class or loaded.config.sample.per_class)
+    if prompts:
+        return prompt_request(loaded, prompts, k, negative_prompt)
+    if labels and model.reads_text:
+        raise SampleError(
+            "--labels given, but this model reads text, not class labels; use --prompt \"...\" "
+            "or --prompts-file"
+        )
+    if model.reads_text and num_samples is None:
+        if not loaded.config.sample.prompts:
+            raise SampleError(
+                "this model reads text: give --prompt \"...\" (repeatable) or --prompts-file F, "
+                "or --num-samples N for unconditional samples"
+            )
+        return prompt_request(loaded, list(loaded.config.sample.prompts), k, negative_prompt)
     if labels:
         if not model.conditional:
             raise SampleError("--labels given, but this model is unconditional; use --num-samples")
@@ -98,12 +149,13 @@ def draw_samples(
         ):
             s, n = block.start, len(block)
             c = cond[s : s + n] if cond is not None else None
+            neg = request.negative[s : s + n] if request.negative is not None else None
             images = generate(loaded.model, loaded.path, spec, num=n, cond=c, start=s, seed=seed,
                               device=device, autoencoder=loaded.autoencoder,
-                              progress=state.is_main_process)  # fmt: skip
+                              progress=state.is_main_process, negative=neg)  # fmt: skip
             if out_dir is not None:
-                save_samples(images, c if loaded.model.conditional else None, out_dir, start=s,
-                             fmt=fmt)  # fmt: skip
+                labels = c if loaded.model.conditional and not loaded.model.reads_text else None
+                save_samples(images, labels, out_dir, start=s, fmt=fmt)
             cells.append(to_uint8(images[: max(0, k - s)]))
     grid = grid or Path(loaded.source) / "samples" / "grid.png"
     mine = torch.cat(cells)  # (this process's grid samples, C, H, W), its blocks in order
@@ -118,7 +170,9 @@ def draw_samples(
         per_class = request.per_class
         nrow = per_class or max(1, math.isqrt(k))
         rows = None
-        if per_class and cond is not None:
+        if request.row_names is not None:
+            rows = request.row_names[: math.ceil(k / per_class)]
+        elif per_class and cond is not None:
             rows = [
                 loaded.class_names[int(cond[r * per_class])]
                 for r in range(math.ceil(k / per_class))
