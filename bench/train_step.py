@@ -9,6 +9,7 @@ loss, nothing else. Both report steady-state images/s (start-up excluded). Targe
     python bench/train_step.py --preset cifar10    # on a CUDA machine: bf16, images/s, peak memory
     python bench/train_step.py --preset cifar10 train.compile=true   # any config override
     python bench/train_step.py --preset imagenet256-latent   # the SiT-B/2-sized DiT (reduced on a CPU)
+    python bench/train_step.py --preset text2img-256-latent  # PixArt-alpha-sized text DiT (reduced on a CPU)
 
 Each run also prints the model's FLOPs per training image: torch.utils.flop_counter.FlopCounterMode
 over one forward + backward of one image (matmuls, convolutions and attention, 2 FLOPs per
@@ -20,6 +21,12 @@ synthetic 32x32x3 images, which give it the same 256 tokens (2x2 patches) as the
 of 256x256 images; its FLOPs are counted on 32x32x4 latents and 1000 classes.
 On a CPU (or with --size reduced) the preset is cut down (printed): a SiT-B/2 step of 256 images
 takes minutes on a few cores.
+
+text2img-256-latent: the same stand-in images, each with a caption whose T5-XXL-shaped
+embeddings (120 tokens of 4096, float16, ~1 MB a sample) are precomputed into the shards by
+`prepare --text-encoder` with a one-layer encoder of T5-XXL's width built here (nothing is
+downloaded), so the pipeline reads them as it would the real ones; the bare loop feeds
+in-memory rows of the same shape.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ LATENT = (4, 32, 32)  # an SD-VAE's latents of a 256x256x3 image (factor 8, 4 ch
 # imagenet256-latent on a CPU: 256 tokens and the head width (64) kept, the rest cut down
 REDUCED = {"train.batch_size": 16, "model.dit.depth": 2, "model.dit.width": 192,
            "model.dit.heads": 3, "train.mixed_precision": "no", "data.num_workers": 1}  # fmt: skip
+T5_XXL = {"d_model": 4096, "max_length": 120}  # the text preset's embeddings: T5-XXL's width
 
 
 def synthetic_shards(out: Path, resolution: int, channels: int, n: int) -> Path:
@@ -60,15 +68,85 @@ def synthetic_shards(out: Path, resolution: int, channels: int, n: int) -> Path:
     return out / "shards"
 
 
-def flops_per_image(cfg, shape: tuple[int, int, int], num_classes: int) -> int:
+def t5_like_encoder(out: Path) -> Path:
+    """A one-layer T5EncoderModel of T5-XXL's width with a small byte-level tokenizer, saved."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["a photo of a cat", "random noise images"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                       special_tokens=[("</s>", 1)])  # fmt: skip
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                                eos_token="</s>", unk_token="<unk>")  # fmt: skip
+    config = transformers.T5Config(vocab_size=len(fast), d_model=T5_XXL["d_model"], d_kv=64,
+                                   d_ff=256, num_layers=1, num_heads=2, pad_token_id=0,
+                                   eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+    transformers.T5EncoderModel(config).save_pretrained(out, safe_serialization=True)
+    fast.save_pretrained(out)
+    return out
+
+
+def text_shards(shards: Path, encoder: Path, out: Path) -> Path:
+    """``shards`` with a caption per image, encoded by ``encoder`` (prepare --text-encoder)."""
+    import webdataset as wds
+
+    from fmgen.cli.prepare import main as prepare_main
+
+    captioned = out.parent / "captioned"
+    captioned.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(captioned / "train-%06d.tar"), maxcount=256, verbose=0) as w:
+        for i, (img, y) in enumerate(zip(*_images(shards), strict=True)):
+            w.write({"__key__": f"{i:08d}", "png": img, "cls": str(int(y)).encode(),
+                     "txt": f"random noise image number {i} of class {int(y)}".encode()})  # fmt: skip
+    rc = prepare_main(["--source", "webdataset", "--data-path", str(captioned), "--resolution", "32",
+                       "--channels", "3", "--num-classes", "10", "--out", str(out), "--text-encoder", str(encoder),
+                       "--caption-key", "txt", "--text-max-length", str(T5_XXL["max_length"])])  # fmt: skip
+    if rc:
+        raise SystemExit("prepare --text-encoder failed")
+    return out
+
+
+def _images(shards: Path) -> tuple[list[bytes], list[int]]:
+    import io
+
+    from PIL import Image
+
+    from fmgen.data.pipeline import read_all
+
+    images, labels = read_all(shards)
+    pngs = []
+    for a in images:
+        buf = io.BytesIO()
+        u8 = ((a.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        Image.fromarray(u8).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    return pngs, labels.tolist()
+
+
+def conditioning_of(cfg, num_classes: int):
+    """The config's conditioning: class labels, or captions of its text encoder."""
+    from fmgen.models import ClassLabels, build_conditioning
+
+    return build_conditioning(cfg, num_classes) if cfg.model.text_encoder else ClassLabels(num_classes)
+
+
+def flops_per_image(cfg, shape: tuple[int, int, int], conditioning) -> int:
     """FlopCounterMode's count of one forward + backward of the config's backbone, one image."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fmgen.models import ClassLabels, get_backbone
+    from fmgen.models.flow import model_spec
+    from fmgen.models.text import TextEmbedding
 
-    spec = get_backbone(cfg.model.type)
-    net = spec.build(cfg, shape, ClassLabels(num_classes))
+    spec = model_spec(cfg, conditioning)
+    net = spec.build(cfg, shape, conditioning)
     x, t, y = torch.randn(1, *shape), torch.rand(1), torch.zeros(1, dtype=torch.long)
+    if spec.reads_text:  # T5-XXL-shaped tokens of one caption (all real), its pooled vector
+        L, D, P = conditioning.max_length, conditioning.token_dim, conditioning.pooled_dim
+        y = TextEmbedding(torch.randn(1, L, D), torch.ones(1, L, dtype=torch.bool), torch.randn(1, P))
     with FlopCounterMode(display=False) as counter:
         spec.call(net, x, t, y).square().mean().backward()
     return counter.get_total_flops()
@@ -77,11 +155,15 @@ def flops_per_image(cfg, shape: tuple[int, int, int], num_classes: int) -> int:
 def bare_loop(
     cfg, images: torch.Tensor, labels: torch.Tensor, steps: int, warmup: int, device: torch.device
 ) -> float:
-    """The same model and batch, trained with nothing but AdamW and the CFM loss."""
-    from fmgen.models import ClassLabels, build_model
+    """The same model and batch, trained with nothing but AdamW and the CFM loss (text models:
+    random condition rows of the encoder's shape, in memory)."""
+    from fmgen.models import build_model
 
     torch.manual_seed(0)
-    model = build_model(cfg, ClassLabels(10)).to(device)
+    conditioning = conditioning_of(cfg, 10)
+    model = build_model(cfg, conditioning).to(device)
+    if cfg.model.text_encoder:
+        labels = conditioning.example(len(images), torch.Generator().manual_seed(0), "cpu")
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     net = torch.compile(model) if cfg.train.compile else model
@@ -116,7 +198,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--preset", choices=("digits", "cifar10", "imagenet256-latent"), default="digits"
+        "--preset", choices=("digits", "cifar10", "imagenet256-latent", "text2img-256-latent"),
+        default="digits",
     )
     p.add_argument("--size", choices=("auto", "full", "reduced"), default="auto",
                    help="imagenet256-latent: auto = reduced on a CPU, full on a GPU")  # fmt: skip
@@ -143,11 +226,16 @@ def main() -> None:
         tmp = Path(tmp)
         over = [f"train.run_dir={tmp / 'run'}", "eval.report=", "logging.wandb=true",
                 "logging.mode=offline", "train.log_every_steps=10"]  # fmt: skip
-        reduced = args.preset == "imagenet256-latent" and (
-            args.size == "reduced" or (args.size == "auto" and device.type == "cpu")
-        )
-        if args.preset in ("cifar10", "imagenet256-latent"):
+        latent = args.preset in ("imagenet256-latent", "text2img-256-latent")
+        reduced = latent and (args.size == "reduced" or (args.size == "auto" and device.type == "cpu"))
+        if args.preset == "text2img-256-latent":  # ~1 MB of embeddings a sample: fewer samples
+            shards = synthetic_shards(tmp / "data", 32, 3, 512)
+            encoder = t5_like_encoder(tmp / "t5-like")
+            shards = text_shards(shards, encoder, tmp / "data" / "text-shards")
+            over += [f"model.text_encoder={encoder}", "data.shuffle_buffer=256"]
+        elif args.preset in ("cifar10", "imagenet256-latent"):
             shards = synthetic_shards(tmp / "data", 32, 3, 4096)
+        if args.preset != "digits":
             over += [
                 f"data.path={shards}",
                 "data.resolution=32",  # imagenet256-latent: stands in for 32x32x4 latents
@@ -165,7 +253,7 @@ def main() -> None:
         preset = ROOT / "configs" / f"{args.preset}.yaml"
         cfg = load_config(preset, [*over, *args.overrides])
         shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
-        flops = flops_per_image(cfg, shape, 10)  # the synthetic shards' and digits' 10 classes
+        flops = flops_per_image(cfg, shape, conditioning_of(cfg, 10))  # the data's 10 classes
         warm = 5
         total = args.steps + warm
         cfg.train.total_images = total * cfg.train.batch_size
@@ -176,7 +264,7 @@ def main() -> None:
         images, labels = read_all(Path(cfg.data.path))
         bare = bare_loop(cfg, images, labels, args.steps, warm, device)
     pipe = result.images_per_s
-    if args.preset == "imagenet256-latent":
+    if latent:
         full = load_config(preset)
         print(f"\nDiT: depth {cfg.model.dit.depth}, width {cfg.model.dit.width}, "
               f"heads {cfg.model.dit.heads}, patch {cfg.model.dit.patch_size} on "
@@ -184,7 +272,14 @@ def main() -> None:
         if reduced:
             print("reduced for this device: " + ", ".join(
                 f"{k} {_get(full, k)} -> {_get(cfg, k)}" for k in REDUCED))  # fmt: skip
-        full_flops = flops_per_image(full, LATENT, 1000)
+        if full.model.text_encoder:  # T5-XXL's output shape, no encoder needed to count FLOPs
+            from fmgen.models import TextConditioning
+
+            cond = TextConditioning({"kind": "frozen"}, max_length=full.text.max_length,
+                                    token_dim=T5_XXL["d_model"], pooled_dim=T5_XXL["d_model"])  # fmt: skip
+        else:
+            cond = conditioning_of(full, 1000)
+        full_flops = flops_per_image(full, LATENT, cond)
         print(f"FLOPs per training image, full preset on {LATENT[0]}x32x32 latents: "
               f"{full_flops / 1e9:.1f} GFLOP (forward + backward)")  # fmt: skip
     print(f"\npreset {args.preset}, device {device}, global batch {cfg.train.batch_size}, "

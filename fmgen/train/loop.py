@@ -35,6 +35,7 @@ from fmgen.models import (
     Autoencoder,
     Conditioning,
     FlowModel,
+    TextConditioning,
     autoencoder_for_data,
     build_conditioning,
     build_model,
@@ -42,7 +43,9 @@ from fmgen.models import (
     count_parameters,
     export_model,
 )
+from fmgen.models.flow import load_frozen_encoder
 from fmgen.models.store import checkpoint_name, find_checkpoint, step_folders
+from fmgen.models.text import LEARNED
 from fmgen.train.checkpoint import remove_leftovers, restore_checkpoint, save_checkpoint
 from fmgen.train.compile_check import check_compiled_gradients
 from fmgen.train.dist import (
@@ -201,6 +204,8 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
             )  # fmt: skip
 
     # --- data: prepared once by the main process, streamed by every rank ---
+    frozen_text = bool(cfg.model.text_encoder) and cfg.model.text_encoder != LEARNED
+    precomputed = frozen_text and cfg.text.precomputed  # embeddings read from the shards
     data = open_train_data(
         cfg.data,
         batch_size=per_proc,
@@ -210,6 +215,7 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
         main=main,
         barrier=accelerator.wait_for_everyone,
         autoencoder=cfg.model.autoencoder,
+        text=precomputed,
     )
     class_names = data.class_names
     # pixels, or the VAE with the latent shards' statistics (shards of another VAE are refused)
@@ -219,7 +225,15 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
     path = make_path(cfg)
     loss_fn = get_loss(cfg.loss.name)
     loss_kwargs = {"weighting": cfg.loss.weighting} if cfg.loss.name == "dsm" else {}
-    conditioning = build_conditioning(cfg, data.num_classes)
+    # a frozen text encoder: on the device when it encodes every batch, else on the CPU (its
+    # null caption, the export's copy); never a parameter of the model
+    frozen = load_frozen_encoder(cfg, device if not precomputed else "cpu") if frozen_text else None
+    conditioning = build_conditioning(cfg, data.num_classes, frozen)
+    if precomputed:
+        from fmgen.data.text_embeddings import check_text_embeddings
+
+        check_text_embeddings(data.text_info, conditioning.encoder, cfg.text.max_length,
+                              str(cfg.data.path))  # fmt: skip
     model = build_model(cfg, conditioning, autoencoder).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -282,6 +296,7 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
 
     stop = _StopFlag()
     old_handlers = stop.install()
+    warned, first_captions = False, list[str]()  # text: truncation warned once; the grid's prompts
     batches = iter(data)
     last_ckpt: Path | None = ckpt
     # on the main process only, and not into log files (None: tqdm disables itself off a terminal)
@@ -300,8 +315,12 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                 group["lr"] = lr
             step_loss = torch.zeros((), device=device)  # read at the log interval only
             for micro in range(accum):
-                # (b, C, H, W) in [-1, 1], (b,); captions (data.caption_key) ride along unused
-                z, y, *_ = next(batches)
+                # (b, C, H, W) in [-1, 1], (b,) labels; then with data.caption_key the captions,
+                # with precomputed text embeddings their rows (b, F)
+                z, y, *extra = next(batches)
+                if isinstance(conditioning, TextConditioning):
+                    y = extra[-1] if precomputed else conditioning.encode(extra[0], warn=not warned)
+                    warned, first_captions = True, first_captions or list(extra[0])
                 z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 t, eps, drop = draw_noise(
                     gen, cfg, conditioning, micro_global, sample_shape, device
@@ -398,7 +417,8 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                 and state.step < total_steps
             ):
                 grid = _sample_grid(cfg, ema_model_copy(model, ema), path, autoencoder, class_names,
-                                    run_dir / "samples" / f"{checkpoint_name(state.step)}.png", device)  # fmt: skip
+                                    run_dir / "samples" / f"{checkpoint_name(state.step)}.png", device,
+                                    first_captions)  # fmt: skip
                 tracker.log_image("samples/grid", grid, step=state.step)
             every = cfg.eval.fid_every_images
             if every and state.images % every < cfg.train.batch_size:
@@ -465,7 +485,7 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
         raise failed or TrainingError("the main process could not write the export (see its error)")
     if main:
         grid_path = _sample_grid(cfg, final, path, autoencoder, class_names,
-                                 run_dir / "samples" / "final.png", device)  # fmt: skip
+                                 run_dir / "samples" / "final.png", device, first_captions)  # fmt: skip
         tracker.log_image("samples/grid", grid_path, step=state.step)
         if cfg.eval.report:
             judge = REPORTS[cfg.eval.report]
@@ -490,10 +510,18 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
 
 def _sample_grid(
     cfg: Config, model: FlowModel, path: Any, autoencoder: Autoencoder, class_names: list[str],
-    out: Path, device: torch.device,
+    out: Path, device: torch.device, captions: list[str] | None = None,
 ) -> Path:  # fmt: skip
-    """A grid of the config's sampling options: a row per class (conditional models)."""
+    """A grid of the config's sampling options: a row per class (conditional models), or per
+    prompt (text models: ``sample.prompts``, else up to 8 captions of the first batch)."""
     n = cfg.sample.per_class
+    if model.reads_text:
+        prompts = list(cfg.sample.prompts) or list(dict.fromkeys(captions or [""]))[:8]
+        cond = model.encode_prompts(prompts).repeat_interleave(n, dim=0)
+        images = generate(model, path, sampling_spec(cfg), num=len(cond), cond=cond,
+                          seed=cfg.train.seed, device=device, autoencoder=autoencoder)  # fmt: skip
+        save_grid(images, out, nrow=n, row_labels=prompts)
+        return out
     conditional = model.conditional
     labels = torch.arange(model.num_classes).repeat_interleave(n) if conditional else None
     images = generate(model, path, sampling_spec(cfg), num=n * (model.num_classes if conditional else 1),
