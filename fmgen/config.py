@@ -143,8 +143,8 @@ class TextConfig:
     width: int = 128
     depth: int = 2
     heads: int = 4
-    # exports copy a frozen encoder's folder up to this size (MB); a larger one is named with its
-    # hash instead, and must stay where it is for sampling from prompts
+    # exports copy a frozen encoder's folder up to this size (MB; 0 = never); a larger one is
+    # named with its hash instead, and must stay where it is for sampling from prompts
     export_copy_mb: int = 4096
 
 
@@ -491,7 +491,6 @@ def validate(cfg: Config) -> None:
         "text.width",
         "text.depth",
         "text.heads",
-        "text.export_copy_mb",
     ]
     for key in positive:
         if _get(cfg, key) <= 0:
@@ -511,6 +510,7 @@ def validate(cfg: Config) -> None:
         "data.shuffle_buffer",
         "data.num_classes",
         "train.cpu_threads",
+        "text.export_copy_mb",
     ]
     for key in non_negative:
         if _get(cfg, key) < 0:

@@ -157,3 +157,30 @@ def test_bad_text_encoder_folders_are_one_line_errors(tmp_path, encoders):
         build_conditioning(text_cfg(str(tmp_path / "empty")), 10)
     with pytest.raises(ConfigError, match="data.caption_key"):
         load_config(DIGITS, [*TINY, "model.text_encoder=learned"])
+
+
+def test_an_export_names_a_large_frozen_encoder_and_checks_its_hash(encoders, tmp_path):
+    import shutil
+
+    from fmgen.models import CheckpointError
+
+    enc = tmp_path / "t5"  # a copy this test may damage
+    shutil.copytree(encoders["t5"], enc)
+    cfg = text_cfg(str(enc), "text.export_copy_mb=0", "sample.steps=2")  # never copied
+    torch.manual_seed(2)
+    model = build_model(cfg, build_conditioning(cfg, 10)).eval()
+    export_model(model, cfg, tmp_path / "export", autoencoder=IdentityAutoencoder(),
+                 class_names=[str(i) for i in range(10)], step=0)  # fmt: skip
+    assert not (tmp_path / "export" / "text_encoder").exists()
+    loaded = load_model(tmp_path / "export")  # reads the folder fmgen.json names
+    rows = model.encode_prompts(["a cat"])
+    assert torch.equal(loaded.model.encode_prompts(["a cat"]), rows)
+    weights = next(enc.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the weights: another encoder than the model's
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="another hash"):
+        load_model(tmp_path / "export")
+    shutil.rmtree(enc)
+    with pytest.raises(CheckpointError, match="is not there"):
+        load_model(tmp_path / "export")
