@@ -179,6 +179,8 @@ def test_bad_text_inputs_are_one_line_errors(captioned, encoders, tmp_path, tiny
     # a prompt for a class model
     msg = one_line_error(sample_py("--checkpoint", tiny_run.export_dir, "--prompt", "a seven"))
     assert "--prompt" in msg and "without text" in msg
+    msg = one_line_error(sample_py("--checkpoint", tiny_run.export_dir, "--num-per-prompt", 2))
+    assert "--num-per-prompt" in msg and "without text" in msg
     # labels for a text model, and an over-long prompt (a warning naming text.max_length)
     run = text_run(captioned, tmp_path / "t", 1, "learned")
     msg = one_line_error(sample_py("--checkpoint", run.export_dir, "--labels", "3,7"))

@@ -90,6 +90,11 @@ def sample_request(
     """Labels ("3,3,7"), prompts, N unconditional samples, or N per class (the default grid;
     for a text model N per prompt of ``sample.prompts``)."""
     model = loaded.model
+    if num_per_prompt is not None and not model.reads_text:
+        raise SampleError(
+            "--num-per-prompt given, but this model was trained without text; use --per-class N "
+            "or --num-samples N"
+        )
     k = num_per_prompt or (per_class or loaded.config.sample.per_class)
     if prompts:
         return prompt_request(loaded, prompts, k, negative_prompt)
