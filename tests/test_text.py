@@ -28,7 +28,7 @@ from fmgen.models.text import (
     folder_hash,
 )
 
-KINDS = ["clip", "clip-projection", "t5"]
+KINDS = ["clip", "clip-projection", "t5", "bert"]
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +184,13 @@ def test_an_export_names_a_large_frozen_encoder_and_checks_its_hash(encoders, tm
     shutil.rmtree(enc)
     with pytest.raises(CheckpointError, match="is not there"):
         load_model(tmp_path / "export")
+
+
+def test_the_encoder_computes_in_text_dtype(encoders):
+    exact = build_conditioning(text_cfg(str(encoders["t5"])), 10)
+    half = build_conditioning(text_cfg(str(encoders["t5"]), "text.dtype=bfloat16"), 10)
+    assert next(half.frozen.model.parameters()).dtype == torch.bfloat16
+    a, b = exact.encode(["a handwritten two"]), half.encode(["a handwritten two"])
+    assert a.dtype == b.dtype == torch.float32  # rows are float16 values either way
+    assert 0 < (a - b).abs().max() < 0.1  # bfloat16 keeps ~3 digits
+    assert half.frozen.record()["dtype"] == "bfloat16"

@@ -35,8 +35,8 @@ def tiny_tokenizer(max_length: int = 16):
 
 
 def save_tiny_encoder(folder: Path, kind: str = "clip", *, hidden: int = 32, seed: int = 0) -> Path:
-    """A tiny ``clip`` (CLIPTextModel), ``clip-projection`` (CLIPTextModelWithProjection) or
-    ``t5`` (T5EncoderModel) with its tokenizer, in ``folder``."""
+    """A tiny ``clip`` (CLIPTextModel), ``clip-projection`` (CLIPTextModelWithProjection),
+    ``t5`` (T5EncoderModel) or ``bert`` (BertModel) with its tokenizer, in ``folder``."""
     import torch
     import transformers
 
@@ -51,6 +51,11 @@ def save_tiny_encoder(folder: Path, kind: str = "clip", *, hidden: int = 32, see
                                              projection_dim=hidden // 2, **ids)  # fmt: skip
         cls = transformers.CLIPTextModel if kind == "clip" else transformers.CLIPTextModelWithProjection
         model = cls(config)
+    elif kind == "bert":  # any other encoder: loaded through AutoModel
+        config = transformers.BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=2 * hidden,
+                                         max_position_embeddings=64, pad_token_id=tok.pad_token_id)  # fmt: skip
+        model = transformers.BertModel(config)
     elif kind == "t5":
         config = transformers.T5Config(vocab_size=len(tok), d_model=hidden, d_kv=hidden // 2,
                                        d_ff=2 * hidden, num_layers=2, num_heads=2,
