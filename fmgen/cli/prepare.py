@@ -220,10 +220,9 @@ def prepare_encoded_shards(args: argparse.Namespace):
     from fmgen.train.dist import any_rank
 
     if args.text_encoder:  # our own progress bar and warnings; an error stays one line
-        import transformers
+        from fmgen.models.text import quiet_transformers
 
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
+        quiet_transformers()
     state = PartialState(cpu=not torch.cuda.is_available())
     device = device_from_arg(args.device) or state.device
     paths = args.data_path or []

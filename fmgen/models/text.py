@@ -223,6 +223,14 @@ class FrozenTextEncoder:
                 "architecture": self.architecture, "dtype": self.dtype_name}  # fmt: skip
 
 
+def quiet_transformers() -> None:
+    """transformers' own progress bars and warnings off (commands that print their own)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def warn_truncated(prompts: list[str], truncated: list[int], max_length: int) -> None:
     if truncated:
         first = prompts[truncated[0]]
