@@ -150,33 +150,29 @@ def decode_latent(
 ) -> tuple[np.ndarray, int, str]:
     """-> float16 (c, h, w) latent (of the mirrored image when ``flip``), label, caption."""
     name = FLIPPED_MEMBER if flip else LATENT_MEMBER
-    if name not in members:
-        raise Unusable("no-latent", f"no .{name} member (has {sorted(members)})")
-    try:  # allow_pickle=False: a .npy member holding objects is refused, never unpickled
-        arr = np.load(io.BytesIO(members[name]), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise Unusable("undecodable", f"unreadable .{name}: {e}") from None
-    if arr.shape != d.latent or arr.dtype != LATENT_DTYPE:
-        raise Unusable(
-            "latent-shape", f".{name} is {arr.dtype} {arr.shape}, not float16 {d.latent}"
-        )
+    arr = _npy_member(members, name, d.latent, LATENT_DTYPE, "latent")
     label, caption = label_and_caption(members, d, where)
     return arr, label, caption
 
 
 def decode_text(members: dict[str, bytes], d: Decoding) -> np.ndarray:
     """-> the sample's float16 (F,) text row (``d.text`` = F); ``Unusable`` for a sample to skip."""
-    if TEXT_MEMBER not in members:
-        raise Unusable("no-text", f"no .{TEXT_MEMBER} member (has {sorted(members)})")
+    return _npy_member(members, TEXT_MEMBER, (d.text,), TEXT_DTYPE, "text")
+
+
+def _npy_member(members: dict[str, bytes], name: str, shape: tuple[int, ...], dtype: type,
+                kind: str) -> np.ndarray:  # fmt: skip
+    """A ``.npy`` member of this shape and dtype; ``Unusable`` kinds ``no-KIND`` (missing),
+    ``undecodable`` and ``KIND-shape``."""
+    if name not in members:
+        raise Unusable(f"no-{kind}", f"no .{name} member (has {sorted(members)})")
     try:  # allow_pickle=False: a .npy member holding objects is refused, never unpickled
-        row = np.load(io.BytesIO(members[TEXT_MEMBER]), allow_pickle=False)
+        arr = np.load(io.BytesIO(members[name]), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise Unusable("undecodable", f"unreadable .{TEXT_MEMBER}: {e}") from None
-    if row.shape != (d.text,) or row.dtype != TEXT_DTYPE:
-        raise Unusable(
-            "text-shape", f".{TEXT_MEMBER} is {row.dtype} {row.shape}, not float16 ({d.text},)"
-        )
-    return row
+        raise Unusable("undecodable", f"unreadable .{name}: {e}") from None
+    if arr.shape != shape or arr.dtype != dtype:
+        raise Unusable(f"{kind}-shape", f".{name} is {arr.dtype} {arr.shape}, not float16 {shape}")
+    return arr
 
 
 def no_text_message(where: str) -> str:

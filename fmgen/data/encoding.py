@@ -246,6 +246,22 @@ def encode_shard(
     return record
 
 
+def check_encode_request(source: str, data_path: Any, batch_size: int,
+                         pixel_options: dict[str, Any], sources: Sequence[str]) -> None:  # fmt: skip
+    """The arguments both encoding stages (latents, text rows) take, checked alike."""
+    if batch_size < 1:
+        raise DataError(f"the encoding batch size must be >= 1, got {batch_size} (--batch-size)")
+    if source not in (*sources, "shards", "webdataset"):
+        raise DataError(f"source {source!r} is not one of {(*sources, 'shards', 'webdataset')}")
+    if source in ("shards", "webdataset") and not data_path:
+        raise DataError(f"--source {source} needs --data-path (the shards to encode)")
+    if source == "webdataset" and not (pixel_options.get("resolution") and pixel_options.get("channels")):
+        raise DataError(
+            "--source webdataset needs --resolution and --channels (the size the images are "
+            "fitted to)"
+        )
+
+
 @dataclass
 class ShardRead:
     """What ``usable_samples`` passed over in one shard: unusable samples and a lost rest."""

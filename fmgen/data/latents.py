@@ -41,6 +41,7 @@ from fmgen.data.decode import (
 )
 from fmgen.data.encoding import (
     EncodeInput,
+    check_encode_request,
     encode_shard,
     finished_record,
     finished_records,
@@ -163,19 +164,9 @@ def prepare_latents(
         if isinstance(autoencoder, KLAutoencoder)
         else KLAutoencoder(autoencoder, what="--autoencoder")
     )
-    if batch_size < 1:
-        raise DataError(f"the encoding batch size must be >= 1, got {batch_size} (--batch-size)")
-    if source not in (*SOURCES, "shards", "webdataset"):
-        raise DataError(f"source {source!r} is not one of {(*SOURCES, 'shards', 'webdataset')}")
-    if source in ("shards", "webdataset") and not data_path:
-        raise DataError(f"--source {source} needs --data-path (the shards to encode)")
+    check_encode_request(source, data_path, batch_size, pixel_options, SOURCES)
     device = torch.device(device) if device is not None else best_device()
     resolution, channels = pixel_options.get("resolution"), pixel_options.get("channels")
-    if source == "webdataset" and not (resolution and channels):
-        raise DataError(
-            "--source webdataset needs --resolution and --channels (the size the images are "
-            "fitted to)"
-        )
     if source != "shards":  # refused before any work (else when the input is known)
         size = resolution or ae.downsample
         ae.latent_shape((channels or (1 if source == "digits" else 3), size, size))

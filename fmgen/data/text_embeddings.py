@@ -52,6 +52,7 @@ from fmgen.data.decode import (
 from fmgen.data.encoding import (
     EncodeInput,
     ShardRead,
+    check_encode_request,
     done_name,
     file_sha256,
     finished_record,
@@ -349,18 +350,8 @@ def prepare_text(
         overwrite: replace shards fmgen wrote into ``out_dir`` from this source.
     """
     out = Path(out_dir)
-    if batch_size < 1:
-        raise DataError(f"the encoding batch size must be >= 1, got {batch_size} (--batch-size)")
-    if source not in (*SOURCES, "shards", "webdataset"):
-        raise DataError(f"source {source!r} is not one of {(*SOURCES, 'shards', 'webdataset')}")
-    if source in ("shards", "webdataset") and not data_path:
-        raise DataError(f"--source {source} needs --data-path (the shards to encode)")
+    check_encode_request(source, data_path, batch_size, pixel_options, SOURCES)
     resolution, channels = pixel_options.get("resolution"), pixel_options.get("channels")
-    if source == "webdataset" and not (resolution and channels):
-        raise DataError(
-            "--source webdataset needs --resolution and --channels (the size the images are "
-            "fitted to)"
-        )
     device = torch.device(device) if device is not None else best_device()
     stage = stages(rank, any_failed)  # work on the main process (or every one), failing together
     enc: CaptionEncoder = stage(lambda: text_encoder if isinstance(text_encoder, CaptionEncoder)

@@ -539,7 +539,7 @@ def export_text_encoder(src: Path, meta: dict[str, Any]) -> tuple[nn.Module | No
         )
     try:
         frozen = FrozenTextEncoder(folder, max_length=int(d["max_length"]),
-                                   dtype=enc.get("dtype", "float32"))  # fmt: skip
+                                   dtype=enc.get("dtype", "float32"), folder_sha256=enc["hash"])  # fmt: skip
     except TextEncoderError as e:
         raise CheckpointError(f"{src}: {e}") from None
     return None, frozen

@@ -175,7 +175,9 @@ class FrozenTextEncoder:
     """
 
     def __init__(self, folder: str | Path, *, max_length: int, dtype: str = "float32",
-                 device: str | torch.device = "cpu"):  # fmt: skip
+                 device: str | torch.device = "cpu", folder_sha256: str | None = None):  # fmt: skip
+        """``folder_sha256``: the folder's ``folder_hash`` when the caller has just computed it
+        (a large encoder's files are read once, not twice)."""
         import transformers
 
         self.folder = Path(folder)
@@ -193,7 +195,7 @@ class FrozenTextEncoder:
         except (OSError, ValueError) as e:
             raise TextEncoderError(f"model.text_encoder={str(self.folder)!r} does not load: {' '.join(str(e).split())[:300]}") from None  # fmt: skip
         self.model.requires_grad_(False).eval().to(self.device)
-        self.hash = folder_hash(self.folder)
+        self.hash = folder_sha256 or folder_hash(self.folder)
         with torch.no_grad():
             probe = self.encode([""])[0]
         self.token_dim, self.pooled_dim = probe.tokens.shape[-1], probe.pooled.shape[-1]
