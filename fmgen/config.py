@@ -23,8 +23,10 @@ from fmgen.core import (
     DSM_WEIGHTINGS,
     FINAL_STEPS,
     LOSSES,
+    MODE_SCALE_RANGE,
     PATHS,
     PREDICTION_TYPES,
+    REWEIGHTINGS,
     SAMPLERS,
     SAMPLING_GRIDS,
     SIGMA_REL_MAX,
@@ -101,10 +103,19 @@ class PathConfig:
 class LossConfig:
     name: str = "cfm"  # cfm | dsm
     weighting: str = "beta2"  # dsm only: lambda(t)
-    time_sampling: str = "uniform"  # uniform | logit-normal
+    time_sampling: str = "uniform"  # uniform | logit-normal | mode (SD3's time samplings)
     t_min: float = 1e-4  # keeps conversions away from the singular ends
     loc: float = 0.0  # logit-normal only
     scale: float = 1.0  # logit-normal only
+    mode_scale: float = 1.29  # mode only: SD3's s (> 0 favours mid t; 0 = uniform)
+    # the loss's weight over t, as a weight on the data-prediction error |D - z|^2:
+    # none (the loss as it is) | edm (SNR + 1 / sigma_data^2) | min-snr (min(SNR, gamma))
+    reweight: str = "none"
+    min_snr_gamma: float = 5.0  # min-snr only
+    sigma_data: float = 0.5  # edm only: the data's standard deviation
+    # EDM2's learned uncertainty: loss / exp(u(t)) + u(t), u a small network of t trained with
+    # the model (a training head: in checkpoints, not in exports)
+    uncertainty: bool = False
 
 
 @dataclass
@@ -174,6 +185,25 @@ class OptimConfig:
     warmup_images: int = 5000
     grad_clip: float = 1.0  # 0 disables clipping
     fused: bool = False  # fused AdamW (CUDA and CPU): one kernel, no per-parameter host reads
+    # after the warm-up: constant, or inverse-sqrt (EDM2: lr / sqrt(max(images / decay_images, 1)))
+    schedule: str = "constant"
+    decay_images: int = 0  # inverse-sqrt only: images seen before the decay starts (EDM2's t_ref)
+
+
+@dataclass
+class RepaConfig:
+    """Representation alignment (REPA, Yu et al. 2025): a projection of an intermediate backbone
+    feature is pulled towards a frozen feature network's features of the clean image."""
+
+    # "" = off; a feature network of eval.feature_network's seam (dinov2:FOLDER,
+    # module:FILE.py:FACTORY, torchscript:FILE.pt, digits-classifier, ...)
+    feature_network: str = ""
+    feature_network_path: str = ""  # its FOLDER / FILE, when not given inline
+    weight: float = 0.5  # lambda of loss + lambda * (1 - cos): REPA's 0.5
+    # the backbone module whose output is aligned (a name of backbone.named_modules());
+    # "" = the U-Net's mid block, the DiT's block depth // 3
+    layer: str = ""
+    hidden: int = 256  # width of the 3-layer SiLU projection MLP
 
 
 @dataclass
@@ -265,6 +295,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     text: TextConfig = field(default_factory=TextConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -280,6 +311,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.name": tuple(LOSSES),
     "loss.weighting": DSM_WEIGHTINGS,
     "loss.time_sampling": TIME_SAMPLINGS,
+    "loss.reweight": REWEIGHTINGS,
+    "optim.schedule": ("constant", "inverse-sqrt"),
     "model.prediction_type": PREDICTION_TYPES,
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "sample.sampler": tuple(SAMPLERS),
@@ -511,6 +544,8 @@ def validate(cfg: Config) -> None:
         "data.num_classes",
         "train.cpu_threads",
         "text.export_copy_mb",
+        "optim.decay_images",
+        "repa.weight",
     ]
     for key in non_negative:
         if _get(cfg, key) < 0:
@@ -554,6 +589,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas}")
     if cfg.loss.scale <= 0:
         raise ConfigError(f"loss.scale: the logit-normal scale must be > 0, got {cfg.loss.scale}")
+    lo, hi = MODE_SCALE_RANGE
+    if not lo <= cfg.loss.mode_scale <= hi:
+        raise ConfigError(f"loss.mode_scale: must lie in [{lo}, {hi:.4f}] (where SD3's mode "
+                          f"sampling is monotone), got {cfg.loss.mode_scale}")  # fmt: skip
+    if cfg.loss.min_snr_gamma <= 0 or cfg.loss.sigma_data <= 0:
+        raise ConfigError(f"loss.min_snr_gamma, loss.sigma_data: must be > 0, got "
+                          f"{cfg.loss.min_snr_gamma}, {cfg.loss.sigma_data}")  # fmt: skip
+    if cfg.optim.schedule == "inverse-sqrt" and cfg.optim.decay_images <= 0:
+        raise ConfigError("optim.schedule=inverse-sqrt needs optim.decay_images > 0 (images seen "
+                          "before the decay starts; EDM2: 70000 x 2048)")  # fmt: skip
+    if cfg.repa.feature_network and cfg.repa.hidden <= 0:
+        raise ConfigError(f"repa.hidden: must be > 0, got {cfg.repa.hidden}")
     if not 0 < cfg.path.b0 < cfg.path.b1:
         raise ConfigError(
             f"path.b0, path.b1: need 0 < b0 < b1 (vp-linear's beta range), got "

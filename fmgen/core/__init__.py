@@ -16,7 +16,16 @@ from fmgen.core.ema import (
 )
 from fmgen.core.grids import TIME_GRIDS, check_times, time_grid
 from fmgen.core.guidance import cfg_field, cfg_net, velocity_field
-from fmgen.core.losses import DSM_WEIGHTINGS, LOSSES, TIME_SAMPLINGS, get_loss, sample_time
+from fmgen.core.losses import (
+    DSM_WEIGHTINGS,
+    LOSSES,
+    MODE_SCALE_RANGE,
+    REWEIGHTINGS,
+    TIME_SAMPLINGS,
+    get_loss,
+    reweight_factor,
+    sample_time,
+)
 from fmgen.core.oracle import Oracle
 from fmgen.core.paths import PATHS, PREDICTION_TYPES, GaussianPath, get_path
 from fmgen.core.samplers import SAMPLERS, Churn, beta_sigma, count_nfe, get_sampler
@@ -25,6 +34,8 @@ from fmgen.core.solver_base import FINAL_STEPS
 
 __all__ = [
     "DSM_WEIGHTINGS",
+    "MODE_SCALE_RANGE",
+    "REWEIGHTINGS",
     "FINAL_STEPS",
     "LOSSES",
     "PATHS",
@@ -53,6 +64,7 @@ __all__ = [
     "posthoc_weights",
     "power_ema_beta",
     "power_profile_dot",
+    "reweight_factor",
     "sample_time",
     "sigma_rel_to_gamma",
     "solve",

@@ -21,6 +21,7 @@ Pure torch math: no I/O, no distributed code.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -28,8 +29,10 @@ from torch import Tensor
 
 from fmgen.core.paths import GaussianPath, check_prediction_type, check_time, expand_time
 
-TIME_SAMPLINGS = ("uniform", "logit-normal")
+TIME_SAMPLINGS = ("uniform", "logit-normal", "mode")
 DSM_WEIGHTINGS = ("beta2", "none", "snr")
+REWEIGHTINGS = ("none", "edm", "min-snr")
+MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))  # SD3's mode sampling is monotone only here
 
 _WRAPPER_ATTRS = ("module", "_orig_mod")  # DDP / FSDP, torch.compile
 
@@ -63,6 +66,7 @@ def sample_time(
     t_max: float = 1 - 1e-5,
     loc: float = 0.0,
     scale: float = 1.0,
+    mode_scale: float = 1.29,
 ) -> Tensor:
     """Training times t of shape (B,), all in [t_min, t_max].
 
@@ -74,6 +78,10 @@ def sample_time(
     - ``logit-normal``: sigmoid(N(loc, scale^2)) mapped affinely onto [t_min, t_max] (as in SD3;
       loc > 0 puts more weight near the data end t = 1). The affine map keeps the shape and
       piles no mass on the ends, unlike clamping.
+    - ``mode``: SD3's mode sampling with heavy tails (Esser et al. 2024, eq. 20): u ~ U(0, 1),
+      f(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u) in SD3's time (1 = noise), so t = 1 - f(u)
+      here; s = ``mode_scale`` > 0 favours the middle, s < 0 the ends, s = 0 is uniform. f is
+      monotone for s in [-1, 2 / (pi - 2)]; then mapped onto [t_min, t_max] like the others.
     """
     if kind not in TIME_SAMPLINGS:
         raise ValueError(
@@ -86,6 +94,13 @@ def sample_time(
     dtype = dtype or torch.get_default_dtype()
     if kind == "uniform":
         u = torch.rand(batch_size, generator=generator, device=device, dtype=dtype)
+    elif kind == "mode":
+        lo, hi = MODE_SCALE_RANGE
+        if not lo <= mode_scale <= hi:
+            raise ValueError(f"mode sampling needs mode_scale in [{lo}, {hi:.4f}] (monotone); "
+                             f"got {mode_scale}")  # fmt: skip
+        v = torch.rand(batch_size, generator=generator, device=device, dtype=dtype)
+        u = v + mode_scale * (torch.cos(math.pi / 2 * v) ** 2 - 1 + v)  # 1 - f(v)
     else:
         if scale <= 0:
             raise ValueError(f"logit-normal needs scale > 0; got {scale}")
@@ -181,6 +196,59 @@ def dsm_loss(
     beta = expand_time(path.schedule(t, check=False).beta, ps.x)
     err = ((s + ps.eps / beta) ** 2).flatten(1).mean(1)
     return lam.to(err.dtype) * err
+
+
+def x0_weight(path: GaussianPath, t: Tensor, reweight: str, *, gamma: float = 5.0,
+              sigma_data: float = 0.5) -> Tensor:  # fmt: skip
+    """The weight lambda_x0(t) that ``reweight`` puts on the data-prediction error |D - z|^2.
+
+    With SNR = alpha^2 / beta^2 and sigma = beta / alpha (EDM's noise level of x / alpha):
+
+    - ``edm``: EDM's lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2
+      = SNR + 1 / sigma_data^2 (Karras et al. 2022, Table 1).
+    - ``min-snr``: min(SNR, gamma) (Hang et al. 2023: min-SNR-gamma; their eps-loss weight
+      min(SNR, gamma) / SNR is the same weighting, written on the eps error).
+    """
+    if reweight not in REWEIGHTINGS or reweight == "none":
+        raise ValueError(f"x0_weight takes one of edm, min-snr; got {reweight!r}")
+    s = path.schedule(t, check=False)
+    snr = (s.alpha / s.beta) ** 2
+    if reweight == "edm":
+        return snr + 1.0 / sigma_data**2
+    return snr.clamp(max=gamma)
+
+
+def native_x0_weight(path: GaussianPath, t: Tensor, loss: str,
+                     dsm_weighting: str = "beta2") -> Tensor:  # fmt: skip
+    """The weight that the per-sample loss ``loss`` already puts on |D - z|^2, shape of t.
+
+    At fixed x_t every prediction is affine in D with a coefficient c(t) on D: the velocity
+    u = (dbeta / beta) x + (dalpha - dbeta alpha / beta) D and the score s = (alpha D - x) /
+    beta^2. So |v_hat - v|^2 = (dalpha - dbeta alpha / beta)^2 |D_hat - z|^2 (CFM) and
+    lambda |s_hat - s|^2 = lambda (alpha / beta^2)^2 |D_hat - z|^2 (DSM).
+    """
+    s = path.schedule(t, check=False)
+    if loss == "cfm":
+        return (s.dalpha - s.dbeta * s.alpha / s.beta) ** 2
+    if loss == "dsm":
+        return dsm_weight(path, t, dsm_weighting, check_t=False) * (s.alpha / s.beta**2) ** 2
+    raise ValueError(f"unknown loss {loss!r}; valid losses: cfm, dsm")
+
+
+def reweight_factor(path: GaussianPath, t: Tensor, reweight: str, loss: str, *,
+                    dsm_weighting: str = "beta2", gamma: float = 5.0,
+                    sigma_data: float = 0.5) -> Tensor:  # fmt: skip
+    """r(t) with r(t) * loss(t) = lambda_x0(t) |D_hat - z|^2: the factor that turns the per-sample
+    loss ``loss`` into the ``reweight`` weighting (``x0_weight``), whatever the network predicts
+    (the conversions are affine at fixed x_t). ``none``: ones. Finite for t in (0, 1)."""
+    if reweight not in REWEIGHTINGS:
+        raise ValueError(
+            f"unknown reweighting {reweight!r}; valid reweightings: {', '.join(REWEIGHTINGS)}"
+        )
+    if reweight == "none":
+        return torch.ones_like(t)
+    native = native_x0_weight(path, t, loss, dsm_weighting)
+    return x0_weight(path, t, reweight, gamma=gamma, sigma_data=sigma_data) / native
 
 
 LOSSES: dict[str, Callable[..., Tensor]] = {"cfm": cfm_loss, "dsm": dsm_loss}

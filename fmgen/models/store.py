@@ -74,6 +74,7 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 POSTHOC_FILE = "posthoc_ema.safetensors"  # with ema.posthoc_sigma_rels: the power-EMA profiles
+HEADS_FILE = "heads.safetensors"  # with loss.uncertainty or repa: the training heads
 EXTRA_FILE = "fmgen_extra.json"
 STATE_FILE = "fmgen_state.json"
 MANIFEST = "fmgen_manifest.json"

@@ -32,6 +32,7 @@ from fmgen.models.store import (
     CHECKPOINT_FORMAT,
     EMA_FILE,
     EXTRA_FILE,
+    HEADS_FILE,
     LATEST,
     MODEL_FILE,
     OPTIMIZER_FILE,
@@ -148,7 +149,7 @@ def save_checkpoint(
     accelerator: Any, final: Path, *, model: torch.nn.Module, optimizer: Any, ema: Any,
     generator: torch.Generator, state: dict[str, Any], cfg: Config, class_names: list[str],
     data_state: dict[str, Any], keep: int, autoencoder: dict[str, Any] | None = None,
-    posthoc: PowerEMA | None = None,
+    posthoc: PowerEMA | None = None, heads: torch.nn.Module | None = None,
 ) -> Path:  # fmt: skip
     """Write a checkpoint: every rank its RNG states and data position, the main process the
     rest (with the post-hoc EMA profiles, which only it holds); then the manifest, the rename
@@ -176,6 +177,8 @@ def save_checkpoint(
         if posthoc is not None:
             extra["posthoc"] = posthoc.meta()
             blobs[POSTHOC_FILE] = power_ema_bytes(posthoc)
+        if heads is not None:
+            blobs[HEADS_FILE] = _tensors(heads.state_dict())
         summary = {**state, "world_size": accelerator.num_processes, "checkpoint": final.name}
         blobs.update({
             MODEL_FILE: _tensors(model.state_dict()), EMA_FILE: _tensors(shadow),
@@ -267,7 +270,7 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
 def restore_checkpoint(
     ckpt: Path, accelerator: Any, *, cfg: Config, model: torch.nn.Module, optimizer: Any,
     ema: Any, generator: torch.Generator, data: Any, autoencoder: Any = None,
-    posthoc: PowerEMA | None = None,
+    posthoc: PowerEMA | None = None, heads: torch.nn.Module | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Load a verified checkpoint (``find_checkpoint``) into the run; returns the train state.
 
@@ -290,7 +293,17 @@ def restore_checkpoint(
             f"{ckpt} has no RNG state and data position for rank {rank} ({rank_json}): it was "
             f"written by fewer processes; resume with the same number of processes"
         )
+    if (heads is not None) != (HEADS_FILE in listed):
+        has = "has" if HEADS_FILE in listed else "has no"
+        raise TrainingError(
+            f"cannot resume from {ckpt}: it {has} training heads ({HEADS_FILE}: loss.uncertainty, "
+            f"repa.feature_network) and this config {'asks for' if heads is not None else 'has'} "
+            f"{'them' if heads is not None else 'none'}; set loss.uncertainty and repa.* as the "
+            f"run was started, or train into a new train.run_dir"
+        )
     model.load_state_dict(read_tensors(ckpt, MODEL_FILE))
+    if heads is not None:
+        heads.load_state_dict(read_tensors(ckpt, HEADS_FILE))
     live = optimizer.state_dict()
     optimizer.load_state_dict(
         unflatten_optimizer(read_tensors(ckpt, OPTIMIZER_FILE), extra["optimizer"], live)

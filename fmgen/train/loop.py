@@ -65,6 +65,7 @@ from fmgen.train.ema import (
     supersede_snapshots,
 )
 from fmgen.train.errors import TrainingError
+from fmgen.train.heads import RepaTarget, build_heads, learning_rate, recipe_terms
 from fmgen.train.lock import hold_run_folder
 from fmgen.train.tracking import Tracker
 
@@ -244,15 +245,23 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
     posthoc = (
         PowerEMA(model, cfg.ema.posthoc_sigma_rels) if main and cfg.ema.posthoc_sigma_rels else None
     )
+    # the recipe's training heads (EDM2's uncertainty, REPA's projector) and REPA's frozen target
+    repa_target = RepaTarget(cfg, device, autoencoder) if cfg.repa.feature_network else None
+    heads, capture = build_heads(cfg, model, repa_target.dim if repa_target else 0)
+    trained = [*model.parameters(), *(heads.parameters() if heads is not None else ())]
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        trained,
         lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay,
         eps=cfg.optim.eps,
         fused=cfg.optim.fused or None,
     )
-    net, optimizer = accelerator.prepare(model, optimizer)
+    if heads is None:
+        net, optimizer = accelerator.prepare(model, optimizer)
+        heads_net = None
+    else:  # DDP-wrapped like the model: their gradients are all-reduced too
+        net, heads_net, optimizer = accelerator.prepare(model, heads, optimizer)
     if cfg.train.compile:
         # Compiled after DDP wrapping (dynamo then splits the graph at DDP's gradient buckets),
         # and outside `prepare`: Accelerate saves what it prepared, so checkpoint keys stay
@@ -265,7 +274,7 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
     if ckpt is not None:
         saved = restore_checkpoint(ckpt, accelerator, cfg=cfg, model=model, optimizer=optimizer,
                                    ema=ema, generator=gen, data=data, autoencoder=autoencoder,
-                                   posthoc=posthoc)  # fmt: skip
+                                   posthoc=posthoc, heads=heads)  # fmt: skip
         state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState)})
         log.info("resumed from %s at step %d (%d images)", ckpt, state.step, state.images)
     if main:
@@ -308,9 +317,7 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
     steady_t0, steady_t1, steady_images = float("nan"), float("nan"), 0
     try:
         while state.step < total_steps:
-            lr = cfg.optim.lr * min(
-                1.0, (state.images + cfg.train.batch_size) / max(1, cfg.optim.warmup_images)
-            )
+            lr = learning_rate(cfg, state.images + cfg.train.batch_size)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = torch.zeros((), device=device)  # read at the log interval only
@@ -330,12 +337,18 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                 if cfg.train.channels_last:
                     z = z.contiguous(memory_format=torch.channels_last)
                 with accelerator.autocast():
-                    # t lies in [t_min, 1 - t_min] by construction: no check (a host sync)
-                    per_sample = loss_fn(net, z, path, t=t[mine], eps=eps[mine], y=y_in,
-                                         check_t=False, **loss_kwargs)  # fmt: skip
+                    with capture.on() if capture is not None else contextlib.nullcontext():
+                        # t lies in [t_min, 1 - t_min] by construction: no check (a host sync)
+                        per_sample = loss_fn(net, z, path, t=t[mine], eps=eps[mine], y=y_in,
+                                             check_t=False, **loss_kwargs)  # fmt: skip
+                    per_sample = recipe_terms(cfg, path, per_sample, t[mine], z, heads_net,
+                                              capture, repa_target)  # fmt: skip
                 loss = per_sample.float().mean()
                 last = micro == accum - 1
-                with accelerator.no_sync(net) if not last else contextlib.nullcontext():
+                with contextlib.ExitStack() as syncs:
+                    if not last:  # gradients are all-reduced on the last micro-batch only
+                        for wrapped in (net, heads_net) if heads_net is not None else (net,):
+                            syncs.enter_context(accelerator.no_sync(wrapped))
                     accelerator.backward(loss / accum)
                 step_loss += loss.detach() / accum
             # The finite check is one host read and no collective: a non-finite loss on any rank
@@ -343,7 +356,7 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
             # norm of the synchronized gradients is non-finite on all ranks alike and they skip
             # the step together.
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = accelerator.clip_grad_norm_(net.parameters(), clip)  # () on the device
+            grad_norm = accelerator.clip_grad_norm_(trained, clip)  # () on the device
             # with fp16's GradScaler, optimizer.step() itself skips a non-finite step and rescales
             bad = accelerator.scaler is None and not bool(torch.isfinite(grad_norm))
             if not bad:
@@ -442,7 +455,7 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                     optimizer=optimizer, ema=ema, generator=gen, state=asdict(state), cfg=cfg,
                     class_names=class_names, data_state=data.state_dict(),
                     keep=cfg.train.keep_checkpoints, autoencoder=autoencoder.to_dict(),
-                    posthoc=posthoc,
+                    posthoc=posthoc, heads=heads,
                 )  # fmt: skip
             if stopping:
                 log.warning(
