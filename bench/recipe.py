@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # each change alone, then together. min-snr/edm reweight the loss over t, mode is SD3's time
 # sampling, uncertainty EDM2's learned weighting, inverse-sqrt EDM2's learning-rate decay.
 DEFAULT_RECIPES = {
-    "base": "",
-    "batch64": "train.batch_size=64",
+    "uniform-56k": "loss.time_sampling=uniform train.total_images=56320",  # the default until 2026-12
+    "logit-normal-28k": "loss.time_sampling=logit-normal train.total_images=28160",
 }
 METRICS = ("accuracy", "fd_guided", "fd_uncond", "precision", "recall", "max_class")
 
@@ -52,11 +52,12 @@ def parse_recipe(text: str) -> tuple[str, list[str]]:
 
 
 def train_command(args: argparse.Namespace, overrides: list[str], seed: int, run_dir: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), "--config", args.config, *overrides,
-            f"train.seed={seed}", f"train.run_dir={run_dir}", f"train.total_images={args.total_images}",
-            f"train.checkpoint_every_images={args.eval_every}", "train.keep_checkpoints=1000",
-            "eval.report=", "logging.wandb=false", "train.sample_every_images=0",
-            f"data.path={args.data}", "train.cpu_threads=1"]  # fmt: skip
+    # a recipe may set its own train.total_images (a shorter schedule): it comes after the default
+    return [sys.executable, str(ROOT / "train.py"), "--config", args.config,
+            f"train.total_images={args.total_images}", *overrides, f"train.seed={seed}",
+            f"train.run_dir={run_dir}", f"train.checkpoint_every_images={args.eval_every}",
+            "train.keep_checkpoints=1000", "eval.report=", "logging.wandb=false",
+            "train.sample_every_images=0", f"data.path={args.data}", "train.cpu_threads=1"]  # fmt: skip
 
 
 def score_checkpoint(ckpt: Path, args: argparse.Namespace, report: str) -> dict:

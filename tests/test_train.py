@@ -215,9 +215,23 @@ def test_sigterm_checkpoints_and_resume_auto_finishes(shards, tmp_path):
     assert json.loads((latest(run) / "fmgen_state.json").read_text())["step"] == total
 
 
+REPA_MODULE = """
+import torch
+
+def make():
+    torch.manual_seed(7)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.Tanh(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+"""
+
+
 @pytest.mark.slow
 def test_two_ranks_match_one_rank(shards, tmp_path):
-    """2 gloo ranks == 1 rank with the same global batch and samples; only rank 0 writes."""
+    """2 gloo ranks == 1 rank with the same global batch and samples; only rank 0 writes. The
+    run has the recipe's training heads (EDM2's uncertainty, REPA with a module network): they
+    are DDP-wrapped and all-reduced like the model."""
+    feat = tmp_path / "feat.py"
+    feat.write_text(REPA_MODULE)
     # optim.eps=1e-4: Adam's g / sqrt(v) turns parameters whose true gradient is ~0 into +-lr
     # steps whose sign is set by fp32 summation order (which differs between 1 and 2 ranks);
     # a larger eps damps those and leaves real gradients (|g| >> 1e-4) unchanged.
@@ -229,6 +243,9 @@ def test_two_ranks_match_one_rank(shards, tmp_path):
         "optim.eps=1e-4",
         "ema.posthoc_sigma_rels=[0.05,0.1]",
         f"ema.posthoc_every_images={2 * BATCH}",
+        "loss.uncertainty=true",
+        f"repa.feature_network=module:{feat}:make",
+        "repa.hidden=8",
     ]
     one = [*common, f"train.run_dir={tmp_path / 'one'}"]
     two = [*common, f"train.run_dir={tmp_path / 'two'}"]
@@ -258,6 +275,10 @@ def test_two_ranks_match_one_rank(shards, tmp_path):
     assert moved < tol, f"1 vs 2 ranks differ by {moved:.2e}"
     for a, b in zip(e1, e2, strict=True):
         assert (a - b).abs().max().item() < tol
+    h1, h2 = (load_file(latest(tmp_path / r) / "heads.safetensors") for r in ("one", "two"))
+    assert h1.keys() == h2.keys() and {"logvar.linear.weight", "repa.mlp.0.weight"} <= h1.keys()
+    assert max((h1[k] - h2[k]).abs().max().item() for k in h1) < tol
+    assert h1["logvar.linear.weight"].abs().sum() > 0  # the heads trained (they start at zero)
     # post-hoc EMA: the main process alone tracks and writes; the same snapshots as one rank
     snaps = [sorted((tmp_path / r / "posthoc").iterdir()) for r in ("one", "two")]
     assert [p.name for p in snaps[1]] == [p.name for p in snaps[0]] == [
