@@ -137,6 +137,7 @@ def test_spec_grids_rho_and_list():
         ({"churn": 1.0, "churn_sigma_min": 2.0, "churn_sigma_max": 1.0}, "churn_sigma_max"),
         ({"churn_noise": float("inf")}, "churn_noise"),
         ({"sampler": "dpm++"}, r"midpoint, dpm\+\+2m"),
+        ({"guidance_interval": (0.7, 0.3)}, r"guidance_interval \(0.7, 0.3\) must satisfy"),
     ],
 )
 def test_spec_errors_name_the_fix(changes, match):
@@ -537,6 +538,27 @@ def test_config_keys_make_the_spec():
             load_config(digits, [override])
 
 
+def test_config_guidance_interval():
+    """sample.guidance_interval ([] = every t) reaches the spec, its record and its caption; a bad
+    interval is one error naming the key, the value and the fix."""
+    from fmgen.config import ConfigError, load_config, sampling_spec
+
+    digits = ROOT / "configs" / "digits.yaml"
+    assert sampling_spec(load_config(digits)).guidance_interval is None
+    spec = sampling_spec(load_config(digits, ["sample.guidance_interval=[0.25, 0.8]"]))
+    assert spec.guidance_interval == (0.25, 0.8)
+    assert spec.to_dict()["guidance_interval"] == [0.25, 0.8]
+    assert "guidance 2.0 in t [0.25, 0.8]" in spec.describe()
+    for override, needle in [
+        ("sample.guidance_interval=[0.5]", r"sample.guidance_interval: \[0.5\] must be \[\] "),
+        ("sample.guidance_interval=[0.1, 0.2, 0.3]", r"e.g. \[0.25, 0.8\]"),
+        ("sample.guidance_interval=[0.8, 0.25]", r"guidance_interval \(0.8, 0.25\) must satisfy"),
+        ("sample.guidance_interval=[0.2, 1.5]", r"0 <= lo < hi <= 1"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config(digits, [override])
+
+
 def test_sampling_flags():
     import argparse
 
@@ -558,9 +580,16 @@ def test_sampling_flags():
     assert spec(got, "--time-grid", "logsnr", "--steps", "7").times == ()  # leaving the list
     for argv, needle in [(["--times", "0,0.5,1", "--steps", "5"], "--times 0.0,0.5,1.0 --steps 5: "),
                          (["--time-grid", "list"], "--time-grid list: grid 'list' needs times"),
-                         (["--churn", "1", "--sampler", "rk4"], "churn is an option of the heun")]:  # fmt: skip
+                         (["--churn", "1", "--sampler", "rk4"], "churn is an option of the heun"),
+                         (["--guidance-interval", "0.8,0.2"],
+                          r"--guidance-interval 0.8,0.2: guidance_interval \(0.8, 0.2\) must"),
+                         (["--guidance-interval", "0.5"], r"--guidance-interval 0.5: .*two times")]:  # fmt: skip
         with pytest.raises(FmgenError, match=needle):
             spec(base, *argv)
+    limited = spec(base, "--guidance-interval", "0.25,0.8")
+    assert limited.guidance_interval == (0.25, 0.8)
+    assert spec(limited, "--guidance-interval", "none").guidance_interval is None
+    assert spec(limited, "--steps", "3").guidance_interval == (0.25, 0.8)  # kept unless given
     with pytest.raises(SystemExit):
         p.parse_args(["--times", "0,x"])
 
