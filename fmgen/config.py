@@ -233,6 +233,9 @@ class SampleConfig:
     churn_sigma_min: float = 0.0  # EDM's S_tmin, in sigma = beta / alpha
     churn_sigma_max: float | None = None  # EDM's S_tmax (null: no bound)
     churn_noise: float = 1.0  # EDM's S_noise
+    # dpm++2m / dpm++3m below 15 steps: first order for the last step, at most second for the
+    # others (diffusers' lower_order_final, extended: dpm++3m's third order loses there)
+    lower_order_few_steps: bool = True
     negative_prompt: str = ""  # text models: the prompt guidance steers away from ("" = null)
     prompts: list[str] = field(default_factory=list)  # text models: the grid's rows ([] = captions of the first batch)
 
@@ -597,6 +600,7 @@ def sampling_spec(cfg: Config) -> SamplingSpec:
                             rho=s.rho, times=tuple(s.times), final_step=s.final_step,
                             churn=s.churn, churn_sigma_min=s.churn_sigma_min,
                             churn_sigma_max=s.churn_sigma_max, churn_noise=s.churn_noise,
+                            lower_order_few_steps=s.lower_order_few_steps,
                             guidance_interval=tuple(s.guidance_interval) or None)  # fmt: skip
     except ValueError as e:
         raise ConfigError(f"sample: {e}") from None
