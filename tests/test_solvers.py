@@ -806,3 +806,34 @@ def test_bench_best_solver_at_nfe_10_beats_heun_at_nfe_20(bench_rows, path_name)
           f"err {best['err']:.3e}; heun/uniform NFE 19 err {heun['err']:.3e}")  # fmt: skip
     assert best["err"] < heun["err"]
 
+
+def test_nfe_sweep_markdown_is_a_readme_table_with_the_pick():
+    """bench/nfe_sweep.py's table: rows sampler / grid (/ interval when several), columns the NFE
+    budgets, a cell's NFE in brackets when the steps that fit spend less; the pick is the best
+    run at NFE <= 10 with its FID relative to Heun / uniform at 20 steps."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nfe_sweep", ROOT / "bench" / "nfe_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    assert sweep.parse_interval("none") is None and sweep.parse_interval("0.25,0.8") == (0.25, 0.8)
+
+    def row(sampler, grid, budget, nfe, steps, fid, interval="all t"):
+        return {"sampler": sampler, "grid": grid, "interval": interval, "steps": steps,
+                "nfe": nfe, "fid": fid, "budget": budget}  # fmt: skip
+
+    rows = [row("heun", "uniform", 10, 9, 5, 120.04), row("heun", "uniform", 20, 19, 10, 100.0),
+            row("dpm++2m", "edm", 10, 10, 10, 70.0), row("dpm++2m", "edm", 20, 20, 20, 90.0)]  # fmt: skip
+    ref = row("heun", "uniform", 0, 39, 20, 100.0)
+    md = sweep.markdown(rows, [10, 20], "FID (test)", ref)
+    assert md[:6] == ["FID (test)", "", "| sampler / grid | NFE 10 | NFE 20 |",
+                      "| --- | --- | --- |", "| heun / uniform | 120.0 (9) | 100.0 (19) |",
+                      "| dpm++2m / edm | 70.0 | 90.0 |"]  # fmt: skip
+    assert md[7].startswith("(n): the NFE spent")
+    assert md[-1] == ("pick at NFE <= 10: dpm++2m / edm (10 steps, NFE 10) FID 70.0, 0.70x the FID "
+                      "of heun / uniform at 20 steps (NFE 39): 100.0")  # fmt: skip
+    rows = rows[2:] + [row("dpm++2m", "edm", 10, 10, 10, 60.0, interval="t 0.25-0.8")]
+    md = sweep.markdown(rows, [10, 20], "FID (test)", ref)
+    assert "| dpm++2m / edm / t 0.25-0.8 | 60.0 | - |" in md
+    assert not any(line.startswith("(n)") for line in md)  # every run spent its budget
+    assert md[-1].startswith("pick at NFE <= 10: dpm++2m / edm / t 0.25-0.8 (10 steps, NFE 10)")
