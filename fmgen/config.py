@@ -249,6 +249,9 @@ class SampleConfig:
     # alone, 1 = the conditional model alone (no guidance), > 1 extrapolates away from the
     # unconditional prediction (stronger class adherence, less diversity)
     guidance: float = 2.0
+    # guidance only at lo <= t <= hi (t: 0 noise, 1 data), the conditional prediction alone
+    # elsewhere (Kynkaanniemi et al. 2024); [] = guidance at every t
+    guidance_interval: list[float] = field(default_factory=list)
     per_class: int = 8  # grid rows are classes
     sde_sigma: float = 0.5  # sigma_t = sde_sigma * beta_t
     t_start: float = 0.0
@@ -260,6 +263,9 @@ class SampleConfig:
     churn_sigma_min: float = 0.0  # EDM's S_tmin, in sigma = beta / alpha
     churn_sigma_max: float | None = None  # EDM's S_tmax (null: no bound)
     churn_noise: float = 1.0  # EDM's S_noise
+    # dpm++2m / dpm++3m below 15 steps: first order for the last step, at most second for the
+    # others (diffusers' lower_order_final, extended: dpm++3m's third order loses there)
+    lower_order_few_steps: bool = True
     negative_prompt: str = ""  # text models: the prompt guidance steers away from ("" = null)
     prompts: list[str] = field(default_factory=list)  # text models: the grid's rows ([] = captions of the first batch)
 
@@ -631,10 +637,17 @@ def make_path(cfg: Config) -> GaussianPath:
 def sampling_spec(cfg: Config) -> SamplingSpec:
     """The sampling options of the config as one ``SamplingSpec``."""
     s = cfg.sample
+    if len(s.guidance_interval) not in (0, 2):
+        raise ConfigError(
+            f"sample.guidance_interval: {s.guidance_interval} must be [] (guidance at every t) or "
+            "[lo, hi] with 0 <= lo < hi <= 1 (t: 0 noise, 1 data), e.g. [0.25, 0.8]"
+        )
     try:
         return SamplingSpec(s.sampler, s.steps, s.guidance, s.sde_sigma, s.t_start, s.time_grid,
                             rho=s.rho, times=tuple(s.times), final_step=s.final_step,
                             churn=s.churn, churn_sigma_min=s.churn_sigma_min,
-                            churn_sigma_max=s.churn_sigma_max, churn_noise=s.churn_noise)  # fmt: skip
+                            churn_sigma_max=s.churn_sigma_max, churn_noise=s.churn_noise,
+                            lower_order_few_steps=s.lower_order_few_steps,
+                            guidance_interval=tuple(s.guidance_interval) or None)  # fmt: skip
     except ValueError as e:
         raise ConfigError(f"sample: {e}") from None

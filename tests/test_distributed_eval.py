@@ -35,12 +35,16 @@ def per_sample(model):
     return model
 
 
-@pytest.mark.parametrize("sampler", ["sde", "heun", "heun-churn"])
+@pytest.mark.parametrize("sampler", ["sde", "heun", "heun-churn", "sde-interval"])
 def test_generate_is_the_same_for_any_split_of_the_indices(tiny_run, sampler):
+    """Every random number depends on (seed, sample index) only; also with guidance limited to
+    t in [0.2, 0.7] (the grid's t = 0 outside it: B rows there, 2B inside)."""
     loaded = load_model(tiny_run.run_dir)
     m, path = per_sample(loaded.model), loaded.path
     churn = 2.0 if sampler == "heun-churn" else 0.0  # EDM's churn draws noise per sample too
-    spec = SamplingSpec(sampler.removesuffix("-churn"), steps=3, guidance=2.0, churn=churn)
+    interval = (0.2, 0.7) if sampler.endswith("-interval") else None
+    spec = SamplingSpec(sampler.split("-")[0], steps=3, guidance=2.0, churn=churn,
+                        guidance_interval=interval)  # fmt: skip
     y = torch.arange(8) % 10
 
     def gen(start, num):

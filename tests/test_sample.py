@@ -139,6 +139,25 @@ def test_guidance_scales_follow_the_formula(tiny_run):
     assert torch.allclose(got, direct.clamp(-1, 1), atol=1e-6)
 
 
+def test_guidance_interval_in_generate(tiny_run):
+    """generate with sample's guidance_interval: [0, 1] is plain guidance to the bit, an interval
+    that holds none of the times the solver evaluates (Heun, 3 uniform steps: 0, 1/3, 2/3) is the
+    conditional model alone, and one holding some of them lies between and differs from both."""
+    loaded = load_model(tiny_run.run_dir)
+    m, path, y = loaded.model, loaded.path, torch.arange(5)
+    spec = SamplingSpec(steps=3, guidance=3.0)
+
+    def gen(s):
+        return generate(m, path, s, num=5, cond=y)
+
+    plain = gen(spec)
+    assert torch.equal(gen(spec.replace(guidance_interval=(0.0, 1.0))), plain)
+    alone = gen(spec.replace(guidance=1.0))
+    assert torch.equal(gen(spec.replace(guidance_interval=(0.9, 1.0))), alone)
+    some = gen(spec.replace(guidance_interval=(0.2, 0.5)))
+    assert (some - plain).abs().max() > 1e-4 and (some - alone).abs().max() > 1e-4
+
+
 def test_generate_follows_the_time_grid(tiny_run):
     """generate with SamplingSpec(grid=...) is Heun on grids.time_grid(spacing=..., path=...)."""
     loaded = load_model(tiny_run.run_dir)

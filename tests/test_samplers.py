@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fmgen.core.grids import TIME_GRIDS, time_grid
-from fmgen.core.guidance import cfg_field, cfg_net, velocity_field
+from fmgen.core.guidance import cfg_field, cfg_net, guidance_interval_of_sigmas, velocity_field
 from fmgen.core.oracle import Oracle
 from fmgen.core.paths import PREDICTION_TYPES, get_path
 from fmgen.core.samplers import (
@@ -22,7 +22,7 @@ from fmgen.core.samplers import (
     sample_heun,
     sample_rk4,
 )
-from fmgen.core.sampling import nfe
+from fmgen.core.sampling import SamplingSpec, nfe, solve
 from fmgen.core.solver_base import FINAL_STEPS, Step
 
 F64 = torch.float64
@@ -325,6 +325,133 @@ def test_cfg_net_one_batched_call():
     for w, labels in ((0.0, null), (1.0, y)):
         got = sample_heun(cfg_net(net, y, null, w), x, ts)
         assert torch.equal(got, sample_heun(lambda x, t, lab=labels: net(x, t, lab), x, ts))
+
+
+def label_net(calls: list[int]):
+    def net(x, t, y):  # a label- and time-dependent "network": x * (1 + y) + t
+        calls.append(x.shape[0])
+        return x * (1.0 + y[:, None].to(x.dtype)) + t[:, None]
+
+    return net
+
+
+def test_cfg_net_guidance_interval():
+    """Inside [lo, hi] the guided output, to the bit that of plain guidance; outside it the
+    conditional output from ONE call of B rows (no doubled batch); rows on both sides get
+    each their own; the interval [0, 1] is plain guidance at every t."""
+    calls: list[int] = []
+    net = label_net(calls)
+    x, y = noise(5), torch.tensor([0, 1, 2, 3, 4])
+    null = torch.full_like(y, 9)
+    interval = (0.25, 0.75)
+    for w in (0.0, 2.5):
+        limited, plain = cfg_net(net, y, null, w, interval=interval), cfg_net(net, y, null, w)
+        for tv in (0.25, 0.5, 0.75):  # inside, ends included
+            t = torch.full((5,), tv, dtype=F64)
+            calls.clear()
+            rows = 5 if w == 0.0 else 10  # guidance 0 is the null half alone
+            assert torch.equal(limited(x, t), plain(x, t)) and calls == [rows, rows]
+        for tv in (0.0, 0.2, 0.8, 0.999):
+            t = torch.full((5,), tv, dtype=F64)
+            calls.clear()
+            assert torch.equal(limited(x, t), net(x, t, y)) and calls == [5, 5]
+        t = torch.tensor([0.1, 0.3, 0.5, 0.9, 0.75], dtype=F64)
+        inside = torch.tensor([False, True, True, False, True])
+        want = torch.where(inside[:, None], plain(x, t), net(x, t, y))
+        assert torch.equal(limited(x, t), want)
+        everywhere = cfg_net(net, y, null, w, interval=(0.0, 1.0))
+        for tv in (0.0, 0.4, 1.0):
+            t = torch.full((5,), tv, dtype=F64)
+            assert torch.equal(everywhere(x, t), plain(x, t))
+
+    # cfg_field: the same rule for two fields
+    def cond(x, t):
+        return x + 1.0
+
+    def uncond(x, t):
+        return 2.0 * x
+
+    f = cfg_field(cond, uncond, 3.0, interval=interval)
+    t_in, t_out = torch.full((5,), 0.5, dtype=F64), torch.full((5,), 0.9, dtype=F64)
+    assert torch.equal(f(x, t_in), cfg_field(cond, uncond, 3.0)(x, t_in))
+    assert torch.equal(f(x, t_out), cond(x, t_out))
+
+
+@pytest.mark.parametrize(
+    ("interval", "match"),
+    [
+        ((0.8, 0.2), r"guidance_interval \(0.8, 0.2\) must satisfy 0 <= lo < hi <= 1"),
+        ((0.5, 0.5), r"0 <= lo < hi <= 1"),
+        ((-0.1, 0.5), r"0 <= lo < hi <= 1"),
+        ((0.2, 1.5), r"0 <= lo < hi <= 1"),
+        ((0.5,), r"two times \(lo, hi\).*got \(0.5,\)"),
+        ((0.1, 0.2, 0.3), r"two times \(lo, hi\)"),
+        (0.5, r"two times \(lo, hi\)"),
+    ],
+)
+def test_guidance_interval_errors_name_the_value_and_the_fix(interval, match):
+    net = label_net([])
+    y = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=match):
+        cfg_net(net, y, y, 2.0, interval=interval)
+    with pytest.raises(ValueError, match=match):
+        SamplingSpec(guidance=2.0, guidance_interval=interval)
+
+
+def test_guided_sampling_in_an_interval():
+    """A 10-step Heun run with guidance in t [0.3, 0.7]: the calls at t inside take 2B rows, those
+    outside B; the result equals integrating the conditional field, switched to the guided one
+    inside, by hand; with the interval [0, 1] it equals plain guidance."""
+    calls: list[int] = []
+    net = label_net(calls)
+    x0, y = noise(4), torch.tensor([0, 1, 2, 3])
+    null = torch.full_like(y, 9)
+    ts = time_grid(10, t_end=0.95, dtype=F64)
+    spec = SamplingSpec("heun", 10, 2.0, grid="list", times=tuple(ts.tolist()),
+                        guidance_interval=[0.3, 0.7])  # fmt: skip
+    assert (
+        spec.guidance_interval == (0.3, 0.7) and "guidance 2.0 in t [0.3, 0.7]" in spec.describe()
+    )
+    assert spec.to_dict()["guidance_interval"] == [0.3, 0.7]
+    path = get_path("linear")
+    got = solve(spec, cfg_net(net, y, null, 2.0, interval=spec.guidance_interval), x0, path=path)
+    seen = [(c, t) for c, t in zip(calls, count_times(spec, ts, path), strict=True)]
+    assert all((c == 8) == (0.3 <= t <= 0.7) for c, t in seen) and {c for c, _ in seen} == {4, 8}
+    plain = cfg_net(net, y, null, 2.0)
+
+    def by_hand(x, t):
+        return plain(x, t) if 0.3 <= t[0].item() <= 0.7 else net(x, t, y)
+
+    assert torch.equal(got, solve(spec, by_hand, x0, path=path))
+    everywhere = spec.replace(guidance_interval=(0.0, 1.0))
+    want = solve(everywhere.replace(), plain, x0, path=path)
+    assert torch.equal(solve(everywhere, cfg_net(net, y, null, 2.0, interval=(0.0, 1.0)), x0,
+                             path=path), want)  # fmt: skip
+
+
+def count_times(spec, ts, path) -> list[float]:
+    """The times at which ``spec``'s solver evaluates a field, in order."""
+    seen: list[float] = []
+
+    def field(x, t):
+        seen.append(t[0].item())
+        return x
+
+    solve(spec, field, noise(4), path=path)
+    return seen
+
+
+def test_guidance_interval_of_sigmas():
+    """EDM2's (0.28, 2.9] in sigma = beta / alpha is t in [1 / 3.9, 1 / 1.28] on the linear path
+    (t = 1 / (1 + sigma)); on every path sigma(lo) = sigma_hi and sigma(hi) = sigma_lo."""
+    lo, hi = guidance_interval_of_sigmas(get_path("linear"), 0.28, 2.9)
+    assert abs(lo - 1 / 3.9) < 1e-12 and abs(hi - 1 / 1.28) < 1e-12
+    for name in ("vp-cosine", "vp-linear"):
+        path = get_path(name)
+        lo, hi = guidance_interval_of_sigmas(path, 0.28, 2.9)
+        sch = path.schedule(torch.tensor([lo, hi], dtype=F64))
+        torch.testing.assert_close(sch.beta / sch.alpha, torch.tensor([2.9, 0.28], dtype=F64))
+    assert guidance_interval_of_sigmas(get_path("linear"), 0.0, 1e9)[1] == 1.0
 
 
 def test_callback_and_time_grid():

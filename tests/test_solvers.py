@@ -16,7 +16,13 @@ from conftest import ROOT
 
 from fmgen.core.grids import TIME_GRIDS, check_times, sigma_of, time_grid, time_of_sigma
 from fmgen.core.guidance import cfg_field, velocity_field
-from fmgen.core.multistep import _dpmpp_increment, sample_dpmpp_2m, sample_dpmpp_3m
+from fmgen.core.multistep import (
+    FEW_STEPS,
+    MIN_STEP_RATIO,
+    _dpmpp_increment,
+    sample_dpmpp_2m,
+    sample_dpmpp_3m,
+)
 from fmgen.core.oracle import Oracle
 from fmgen.core.paths import PREDICTION_TYPES, get_path
 from fmgen.core.samplers import (
@@ -137,6 +143,8 @@ def test_spec_grids_rho_and_list():
         ({"churn": 1.0, "churn_sigma_min": 2.0, "churn_sigma_max": 1.0}, "churn_sigma_max"),
         ({"churn_noise": float("inf")}, "churn_noise"),
         ({"sampler": "dpm++"}, r"midpoint, dpm\+\+2m"),
+        ({"lower_order_few_steps": "yes"}, "lower_order_few_steps must be true or false"),
+        ({"guidance_interval": (0.7, 0.3)}, r"guidance_interval \(0.7, 0.3\) must satisfy"),
     ],
 )
 def test_spec_errors_name_the_fix(changes, match):
@@ -218,7 +226,10 @@ def test_sde_last_step_denoises(path_name):
 def test_midpoint_and_dpmpp_orders_away_from_t1(path_name):
     """Observed orders on [0, 0.7] (the field is smooth there) against a 1000-step RK4 reference:
     the fitted slope of log error vs log steps over 8..64 steps lies in [1.7, 2.3] for midpoint
-    and for DPM-Solver++(2M) on the uniform, edm and logsnr grids (measured 1.81..2.11)."""
+    and for DPM-Solver++(2M) on the uniform, edm and logsnr grids (measured 1.81..2.11). (2M) runs
+    with lower_order_few_steps=False: the order of its update at every step count; the default
+    first-order last step below 15 steps doubles the 8-step error on linear/uniform (1.8e-2 ->
+    3.8e-2, slope 2.43), and the default's order from 16 steps on has its own test."""
     path = get_path(path_name)
     oracle = Oracle(DATA, path)
     x0 = noise(64, seed=1)
@@ -229,7 +240,8 @@ def test_midpoint_and_dpmpp_orders_away_from_t1(path_name):
         errs = []
         for n in steps:
             ts = time_grid(n, t_end=0.7, spacing=grid, path=path, dtype=F64)
-            x = get_sampler(name)(oracle.velocity, x0, ts, path=path)
+            kw = {"lower_order_few_steps": False} if name == "dpm++2m" else {}
+            x = get_sampler(name)(oracle.velocity, x0, ts, path=path, **kw)
             errs.append((x - ref).norm(dim=1).mean().item())
         order = slope(steps, errs)
         print(f"{path_name} {name} {grid}: errors {[f'{e:.2e}' for e in errs]} slope {order:.2f}")
@@ -320,19 +332,158 @@ def test_dpmpp_local_orders_along_the_exact_solution(path_name):
 
 @pytest.mark.parametrize("path_name", PATHS)
 def test_dpmpp_3m_is_more_accurate_than_2m_at_equal_steps(path_name):
-    """On [0, 0.7] against a 1000-step RK4 reference, (3M) beats (2M) at 8, 16, 32 and 64 steps on
-    every grid (measured ratios 1.3..7). Its global order stays near 2 on the uniform grid of
-    vp-cosine (measured 2.0): the start after alpha = 0 takes first-order steps whose length in
-    lambda does not shrink with the step count; on the other grids 2.2..2.9."""
+    """On [0, 0.7] against a 1000-step RK4 reference, the (3M) update beats (2M)'s at 8, 16, 32
+    and 64 steps on every grid (lower_order_few_steps=False; measured ratios 1.3..7). Its global
+    order stays near 2 on the uniform grid of vp-cosine (measured 2.0): the start after alpha = 0
+    takes first-order steps whose length in lambda does not shrink with the step count; on the
+    other grids 2.2..2.9. With the defaults the two agree to the bit at 8 steps (fewer than 15:
+    at most second order) and (3M) wins from 16 steps."""
     path = get_path(path_name)
     oracle = Oracle(DATA, path)
     x0 = noise(64, seed=1)
     ref = sample_rk4(oracle.velocity, x0, time_grid(1000, t_end=0.7, dtype=F64))
     for grid, n in itertools.product(TIME_GRIDS, [8, 16, 32, 64]):
         ts = time_grid(n, t_end=0.7, spacing=grid, path=path, dtype=F64)
-        e2 = (sample_dpmpp_2m(oracle.velocity, x0, ts, path=path) - ref).norm(dim=1).mean()
-        e3 = (sample_dpmpp_3m(oracle.velocity, x0, ts, path=path) - ref).norm(dim=1).mean()
-        assert e3 < e2, (grid, n, e3.item(), e2.item())
+        for full in (True, False):
+            kw = {"path": path, "lower_order_few_steps": not full}
+            x2 = sample_dpmpp_2m(oracle.velocity, x0, ts, **kw)
+            x3 = sample_dpmpp_3m(oracle.velocity, x0, ts, **kw)
+            e2, e3 = ((x - ref).norm(dim=1).mean().item() for x in (x2, x3))
+            if full or n >= FEW_STEPS:
+                assert e3 < e2, (grid, n, full, e3, e2)
+            else:
+                assert torch.equal(x3, x2), (grid, n)
+
+
+def dpmpp_states(solver, field, x0, ts, path, **kw) -> list[torch.Tensor]:
+    """x_0 and the state after every step of a DPM-Solver++ run."""
+    xs = [x0]
+    solver(field, x0, ts, path=path, callback=lambda step: xs.append(step.x), **kw)
+    return xs
+
+
+def dpmpp_update(field, xs, ts, path, i: int, n_past: int) -> torch.Tensor:
+    """The step from xs[i] with the D's of the ``n_past`` states before it: first order (0),
+    (2M) (1) or (3M) (2), recomputed from the run's states."""
+    times = ts.tolist()
+    sch = path.schedule(ts)
+    alpha, beta = sch.alpha.tolist(), sch.beta.tolist()
+    lam = (sch.alpha.log() - sch.beta.log()).tolist()
+
+    def d(j: int) -> torch.Tensor:
+        tb = torch.full((xs[j].shape[0],), times[j], dtype=F64)
+        return path.convert(field(xs[j], tb), xs[j], tb, "velocity", "x0")
+
+    past = [(d(j), lam[j + 1] - lam[j]) for j in range(i - n_past, i)]
+    incr = _dpmpp_increment(d(i), past, lam[i + 1] - lam[i])
+    return (beta[i + 1] / beta[i]) * xs[i] + alpha[i + 1] * incr
+
+
+@pytest.mark.parametrize("path_name", PATHS)
+def test_dpmpp_few_steps_take_lower_order(path_name):
+    """On a grid of fewer than 15 steps (lower_order_few_steps) the last step is the first-order
+    update and every other at most (2M)'s, (3M) included; with lower_order_few_steps=False, and at
+    15 steps, (3M) takes third order up to its last step. The grid stops at t = 0.9 (the last step
+    is a real step, not the denoising limit) and starts at 0.1 (finite lambda), evenly in
+    log-SNR (no step-ratio rule acts)."""
+    path = get_path(path_name)
+    field = Oracle(DATA, path).velocity
+    x0 = noise(16, seed=3)
+
+    def near(a, b):
+        return torch.allclose(a, b, rtol=0, atol=1e-12)
+
+    n = 8
+    ts = time_grid(n, 0.1, 0.9, spacing="logsnr", path=path, dtype=F64)
+    for solver, top in ((sample_dpmpp_2m, 1), (sample_dpmpp_3m, 2)):
+        xs = dpmpp_states(solver, field, x0, ts, path)
+        assert near(xs[n], dpmpp_update(field, xs, ts, path, n - 1, 0))
+        for i in range(1, n - 1):
+            assert near(xs[i + 1], dpmpp_update(field, xs, ts, path, i, 1)), (solver, i)
+        off = dpmpp_states(solver, field, x0, ts, path, lower_order_few_steps=False)
+        for i in range(top, n):
+            assert near(off[i + 1], dpmpp_update(field, off, ts, path, i, top)), (solver, i)
+        assert (off[n] - dpmpp_update(field, off, ts, path, n - 1, 0)).abs().max() > 1e-6
+    two = dpmpp_states(sample_dpmpp_2m, field, x0, ts, path)
+    assert torch.equal(dpmpp_states(sample_dpmpp_3m, field, x0, ts, path)[-1], two[-1])
+    n = FEW_STEPS
+    ts = time_grid(n, 0.1, 0.9, spacing="logsnr", path=path, dtype=F64)
+    xs = dpmpp_states(sample_dpmpp_3m, field, x0, ts, path)
+    for i in (2, n - 2, n - 1):
+        assert near(xs[i + 1], dpmpp_update(field, xs, ts, path, i, 2)), i
+
+
+def test_dpmpp_drops_a_past_step_shorter_than_half_the_current_one():
+    """A past D enters the update only if its step is >= MIN_STEP_RATIO = 1/2 of the current
+    one: after a step 0.2 long in lambda, a step of 1.0 is first order (its (2M) weight would
+    be 1 / (2 r) = 2.5); with 0.5 one step back and 0.2 two steps back, a step of 0.5 is (2M);
+    ratios of 0.55 keep (3M). lower_order_few_steps is off (these grids have few steps)."""
+    path = get_path("vp-cosine")
+    field = Oracle(DATA, path).velocity
+    x0 = noise(16, seed=4)
+    assert MIN_STEP_RATIO == 0.5
+
+    def grid(hs: list[float]) -> torch.Tensor:
+        lam = -1.5 + torch.tensor([0.0, *hs], dtype=F64).cumsum(0)
+        return time_of_sigma(path, torch.exp(-lam))
+
+    cases = [  # lambda steps, the step looked at, the past D's it may use
+        ([0.5, 0.5, 0.2, 1.0], 3, 0),
+        ([0.5, 0.2, 0.5, 0.5], 3, 1),
+        ([0.5, 0.5, 0.55, 1.0, 1.0], 3, 2),
+        ([0.5, 0.5, 0.55, 1.0, 1.0], 4, 2),
+    ]
+    for hs, i, n_past in cases:
+        ts = grid(hs)
+        xs = dpmpp_states(sample_dpmpp_3m, field, x0, ts, path, lower_order_few_steps=False)
+        got = xs[i + 1]
+        assert torch.allclose(got, dpmpp_update(field, xs, ts, path, i, n_past), rtol=0, atol=1e-12)
+        other = dpmpp_update(field, xs, ts, path, i, 2 if n_past < 2 else 1)
+        assert (got - other).abs().max() > 1e-6, (hs, i)
+
+
+def test_builtin_grids_keep_lambda_step_ratios_above_the_rule():
+    """The step-ratio rule is for hand-made grids: on every path, grid and start, from 2 to 64
+    steps, consecutive finite lambda-steps (the step that ends at t = 1 aside: it returns D)
+    keep h_{i-1} / h_i >= 0.54, and h_{i-2} / h_i >= 0.41 (measured 0.548 and 0.416: the
+    second-to-last step of long uniform grids, and edm's first steps after t_start > 0)."""
+    low0, low1 = math.inf, math.inf
+    for path_name, grid, t_start in itertools.product(PATHS, TIME_GRIDS, (0.0, 0.3, 0.6, 0.9)):
+        path = get_path(path_name)
+        for n in range(2, 65):
+            ts = time_grid(n, t_start, spacing=grid, path=path, dtype=F64)
+            sch = path.schedule(ts[:-1])
+            h = (sch.alpha.log() - sch.beta.log()).diff().tolist()  # the steps before t = 1
+            h = [v for v in h if math.isfinite(v)]  # after lambda = -inf the history restarts
+            low0 = min([low0] + [a / b for a, b in zip(h, h[1:], strict=False)])
+            low1 = min([low1] + [a / b for a, b in zip(h, h[2:], strict=False)])
+    assert low0 >= 0.54 and low1 >= 0.41, (low0, low1)
+
+
+@pytest.mark.parametrize("path_name", PATHS)
+def test_dpmpp_default_orders_hold_from_16_steps(path_name):
+    """With the defaults (lower_order_few_steps on) the observed global orders on [0, 0.7] over
+    16..128 steps, where lower_order_few_steps does not act: (2M) in [1.8, 2.2] on every grid and
+    path (measured 1.90..2.09), (3M) >= 1.9 (measured 1.94..2.89: its start after alpha = 0 is
+    first order, see test_dpmpp_3m_is_more_accurate_than_2m_at_equal_steps)."""
+    path = get_path(path_name)
+    oracle = Oracle(DATA, path)
+    x0 = noise(64, seed=1)
+    ref = sample_rk4(oracle.velocity, x0, time_grid(1000, t_end=0.7, dtype=F64))
+    steps = [16, 32, 64, 128]
+    for grid in TIME_GRIDS:
+        orders = {}
+        for name in ("dpm++2m", "dpm++3m"):
+            errs = []
+            for n in steps:
+                ts = time_grid(n, t_end=0.7, spacing=grid, path=path, dtype=F64)
+                x = get_sampler(name)(oracle.velocity, x0, ts, path=path)
+                errs.append((x - ref).norm(dim=1).mean().item())
+            orders[name] = slope(steps, errs)
+            print(f"{path_name} {name} {grid}: errors {[f'{e:.2e}' for e in errs]} "
+                  f"slope {orders[name]:.2f}")  # fmt: skip
+        assert 1.8 <= orders["dpm++2m"] <= 2.2, (grid, orders)
+        assert orders["dpm++3m"] >= 1.9, (grid, orders)
 
 
 def test_midpoint_final_steps_differ_only_in_the_last_step():
@@ -537,6 +688,31 @@ def test_config_keys_make_the_spec():
             load_config(digits, [override])
 
 
+def test_config_guidance_interval_and_lower_order_few_steps():
+    """sample.guidance_interval ([] = every t) and sample.lower_order_few_steps reach the spec, its
+    record and its caption; a bad interval is one error naming the key, the value and the fix."""
+    from fmgen.config import ConfigError, load_config, sampling_spec
+
+    digits = ROOT / "configs" / "digits.yaml"
+    assert sampling_spec(load_config(digits)).guidance_interval is None
+    cfg = load_config(digits, ["sample.guidance_interval=[0.25, 0.8]",
+                               "sample.lower_order_few_steps=false", "sample.sampler=dpm++3m"])  # fmt: skip
+    spec = sampling_spec(cfg)
+    assert spec.guidance_interval == (0.25, 0.8) and spec.lower_order_few_steps is False
+    assert spec.to_dict()["guidance_interval"] == [0.25, 0.8]
+    assert spec.to_dict()["lower_order_few_steps"] is False
+    assert "guidance 2.0 in t [0.25, 0.8]" in spec.describe()
+    assert "full order on few steps" in spec.describe()
+    for override, needle in [
+        ("sample.guidance_interval=[0.5]", r"sample.guidance_interval: \[0.5\] must be \[\] "),
+        ("sample.guidance_interval=[0.1, 0.2, 0.3]", r"e.g. \[0.25, 0.8\]"),
+        ("sample.guidance_interval=[0.8, 0.25]", r"guidance_interval \(0.8, 0.25\) must satisfy"),
+        ("sample.guidance_interval=[0.2, 1.5]", r"0 <= lo < hi <= 1"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config(digits, [override])
+
+
 def test_sampling_flags():
     import argparse
 
@@ -558,9 +734,16 @@ def test_sampling_flags():
     assert spec(got, "--time-grid", "logsnr", "--steps", "7").times == ()  # leaving the list
     for argv, needle in [(["--times", "0,0.5,1", "--steps", "5"], "--times 0.0,0.5,1.0 --steps 5: "),
                          (["--time-grid", "list"], "--time-grid list: grid 'list' needs times"),
-                         (["--churn", "1", "--sampler", "rk4"], "churn is an option of the heun")]:  # fmt: skip
+                         (["--churn", "1", "--sampler", "rk4"], "churn is an option of the heun"),
+                         (["--guidance-interval", "0.8,0.2"],
+                          r"--guidance-interval 0.8,0.2: guidance_interval \(0.8, 0.2\) must"),
+                         (["--guidance-interval", "0.5"], r"--guidance-interval 0.5: .*two times")]:  # fmt: skip
         with pytest.raises(FmgenError, match=needle):
             spec(base, *argv)
+    limited = spec(base, "--guidance-interval", "0.25,0.8")
+    assert limited.guidance_interval == (0.25, 0.8)
+    assert spec(limited, "--guidance-interval", "none").guidance_interval is None
+    assert spec(limited, "--steps", "3").guidance_interval == (0.25, 0.8)  # kept unless given
     with pytest.raises(SystemExit):
         p.parse_args(["--times", "0,x"])
 
@@ -609,9 +792,10 @@ def test_bench_json_lines(bench_rows):
     reason="measured (128 samples here): no solver and grid at NFE <= 10, DPM-Solver++(3M) included, "
     "beats Heun/uniform at NFE 19 on any path; with the denoising last step every sample ends on a "
     "data point and the error counts the samples that end on another point than the reference's "
-    "(bench column other_point). At the bench's 256 samples 3M/uniform wins on vp-linear only "
-    "(0.068 vs 0.080); vp-cosine's uniform grid is uniform in the angle arctan(sigma), where "
-    "Heun is hard to beat",
+    "(bench column other_point). At the bench's 256 samples none wins either (best: vp-linear "
+    "2M/uniform 0.148 vs 0.080; 3M runs as 2M below 15 steps, where its third order, 0.068 here, "
+    "loses on a trained model: fmgen.core.multistep); vp-cosine's uniform grid is uniform in the "
+    "angle arctan(sigma), where Heun is hard to beat",
 )
 @pytest.mark.parametrize("path_name", PATHS)
 def test_bench_best_solver_at_nfe_10_beats_heun_at_nfe_20(bench_rows, path_name):
@@ -621,3 +805,35 @@ def test_bench_best_solver_at_nfe_10_beats_heun_at_nfe_20(bench_rows, path_name)
     print(f"{path_name}: best at NFE <= 10 {best['solver']}/{best['grid']} NFE {best['nfe']} "
           f"err {best['err']:.3e}; heun/uniform NFE 19 err {heun['err']:.3e}")  # fmt: skip
     assert best["err"] < heun["err"]
+
+
+def test_nfe_sweep_markdown_is_a_readme_table_with_the_pick():
+    """bench/nfe_sweep.py's table: rows sampler / grid (/ interval when several), columns the NFE
+    budgets, a cell's NFE in brackets when the steps that fit spend less; the pick is the best
+    run at NFE <= 10 with its FID relative to Heun / uniform at 20 steps."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nfe_sweep", ROOT / "bench" / "nfe_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    assert sweep.parse_interval("none") is None and sweep.parse_interval("0.25,0.8") == (0.25, 0.8)
+
+    def row(sampler, grid, budget, nfe, steps, fid, interval="all t"):
+        return {"sampler": sampler, "grid": grid, "interval": interval, "steps": steps,
+                "nfe": nfe, "fid": fid, "budget": budget}  # fmt: skip
+
+    rows = [row("heun", "uniform", 10, 9, 5, 120.04), row("heun", "uniform", 20, 19, 10, 100.0),
+            row("dpm++2m", "edm", 10, 10, 10, 70.0), row("dpm++2m", "edm", 20, 20, 20, 90.0)]  # fmt: skip
+    ref = row("heun", "uniform", 0, 39, 20, 100.0)
+    md = sweep.markdown(rows, [10, 20], "FID (test)", ref)
+    assert md[:6] == ["FID (test)", "", "| sampler / grid | NFE 10 | NFE 20 |",
+                      "| --- | --- | --- |", "| heun / uniform | 120.0 (9) | 100.0 (19) |",
+                      "| dpm++2m / edm | 70.0 | 90.0 |"]  # fmt: skip
+    assert md[7].startswith("(n): the NFE spent")
+    assert md[-1] == ("pick at NFE <= 10: dpm++2m / edm (10 steps, NFE 10) FID 70.0, 0.70x the FID "
+                      "of heun / uniform at 20 steps (NFE 39): 100.0")  # fmt: skip
+    rows = rows[2:] + [row("dpm++2m", "edm", 10, 10, 10, 60.0, interval="t 0.25-0.8")]
+    md = sweep.markdown(rows, [10, 20], "FID (test)", ref)
+    assert "| dpm++2m / edm / t 0.25-0.8 | 60.0 | - |" in md
+    assert not any(line.startswith("(n)") for line in md)  # every run spent its budget
+    assert md[-1].startswith("pick at NFE <= 10: dpm++2m / edm / t 0.25-0.8 (10 steps, NFE 10)")

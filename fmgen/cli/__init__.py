@@ -9,6 +9,7 @@ inside.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -122,23 +123,41 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
         "checkpoint config's sample.guidance",
     )
     g.add_argument(
+        "--guidance-interval",
+        type=_interval,
+        default=None,
+        metavar="LO,HI",
+        help="guidance only at LO <= t <= HI (t: 0 noise, 1 data), the conditional model alone "
+        "elsewhere (Kynkaanniemi et al. 2024), e.g. 0.25,0.8; 'none': at every t; default: the "
+        "checkpoint config's sample.guidance_interval",
+    )
+    g.add_argument(
         "--sde-sigma", type=float, default=None, help="SDE noise scale: sigma_t = s * beta_t"
     )
     g.add_argument("--t-start", type=float, default=None, help="first time of the grid (0 = noise)")
 
 
-def _times(text: str) -> tuple[float, ...]:
+def _floats(text: str, expected: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of times, e.g. 0,0.5,0.9,1"
-        ) from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+
+
+def _times(text: str) -> tuple[float, ...]:
+    return _floats(text, "a comma-separated list of times, e.g. 0,0.5,0.9,1")
+
+
+def _interval(text: str) -> tuple[float, ...]:
+    if text.strip().lower() == "none":
+        return ()  # guidance at every t
+    return _floats(text, "LO,HI (two times, 0 = noise, 1 = data), e.g. 0.25,0.8, or none")
 
 
 _SPEC_FLAGS = {"sampler": "sampler", "steps": "steps", "grid": "time_grid",
                "guidance": "guidance", "sde_sigma": "sde_sigma", "t_start": "t_start",
-               "rho": "rho", "final_step": "final_step", "churn": "churn"}  # fmt: skip
+               "rho": "rho", "final_step": "final_step", "churn": "churn",
+               "guidance_interval": "guidance_interval"}  # fmt: skip
 
 
 def spec_from_args(base: SamplingSpec, args: Any) -> SamplingSpec:
@@ -159,11 +178,19 @@ def spec_from_args(base: SamplingSpec, args: Any) -> SamplingSpec:
         value = getattr(args, attr, None)
         if value is not None:
             changes[field] = given[attr] = value
+    if changes.get("guidance_interval") == ():  # --guidance-interval none
+        changes["guidance_interval"] = None
+        given["guidance_interval"] = "none"
+        base = dataclasses.replace(base, guidance_interval=None)  # replace() skips None values
     try:
         return base.replace(**changes)
     except ValueError as e:
-        flags = " ".join(f"--{attr.replace('_', '-')} {v}" for attr, v in given.items())
+        flags = " ".join(f"--{attr.replace('_', '-')} {_flag_text(v)}" for attr, v in given.items())
         raise FmgenError(f"{flags}: {e}") from None
+
+
+def _flag_text(value: Any) -> str:
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

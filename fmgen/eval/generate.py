@@ -35,16 +35,18 @@ class SampleError(FmgenError, ValueError):
 
 def model_field(
     model: FlowModel, path: GaussianPath, cond: Tensor | None, guidance: float,
-    negative: Tensor | None = None,
+    negative: Tensor | None = None, *, interval: tuple[float, float] | None = None,
 ) -> Field:  # fmt: skip
     """The velocity field u(x, t) of the model for fixed conditions, with guidance if
-    conditional; ``negative`` (the conditions of negative prompts) replaces the null condition."""
+    conditional (only at lo <= t <= hi with ``interval``, the conditional prediction elsewhere);
+    ``negative`` (the conditions of negative prompts) replaces the null condition."""
     if cond is None or not model.conditional:
         return velocity_field(lambda x, t: model(x, t, None), path, model.prediction_type)
     # guidance is affine, and so are the conversions: guiding the raw prediction equals
     # guiding the velocity it converts into
     null = model.conditioning.null_like(cond) if negative is None else negative.to(cond)
-    return velocity_field(cfg_net(model, cond, null, guidance), path, model.prediction_type)
+    guided = cfg_net(model, cond, null, guidance, interval=interval)
+    return velocity_field(guided, path, model.prediction_type)
 
 
 @torch.no_grad()
@@ -93,7 +95,8 @@ def generate(
         c = cond[i : i + n].to(device) if cond is not None and model.conditional else None
         neg = negative[i : i + n].to(device) if negative is not None and c is not None else None
         noise = sde_noise(seed, start + i, n) if spec.stochastic else None  # SDE, churn
-        z = solve(spec, model_field(model, path, c, spec.guidance, neg), x, path=path, noise=noise)
+        field = model_field(model, path, c, spec.guidance, neg, interval=spec.guidance_interval)
+        z = solve(spec, field, x, path=path, noise=noise)
         out.append(ae.decode(z).float().cpu())
         i += n
         bar.update(n)
