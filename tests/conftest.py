@@ -44,6 +44,16 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for one torchrun / accelerate launch: the tests run in
+    parallel (pytest-xdist), so no two launches may share a fixed port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     """Digits at 8x8 as shards, prepared once for the whole session."""

@@ -13,7 +13,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import DIGITS, ROOT, subprocess_env, tiny
+from conftest import DIGITS, ROOT, free_port, subprocess_env, tiny
 
 SCRIPT = textwrap.dedent(
     """
@@ -43,7 +43,7 @@ def test_a_frozen_rank_is_named_within_the_timeout(shards, tmp_path):
     overrides = tiny(shards, tmp_path / "run", 10, "train.sample_every_images=0",
                      f"train.dist_timeout_s={timeout_s}")  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29565", str(script), str(sleep_s), "--config", str(DIGITS),
+           "--master_port", str(free_port()), str(script), str(sleep_s), "--config", str(DIGITS),
            *overrides]  # fmt: skip
     t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=ROOT, env={**subprocess_env(), "ACCELERATE_USE_CPU": "true"},

@@ -4,13 +4,12 @@ processes (torchrun, gloo on CPU) against one process."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, free_port, subprocess_env
 
 from fmgen.core import SamplingSpec
 from fmgen.eval.generate import block_noise, generate, sde_noise, sde_seed
@@ -94,12 +93,6 @@ def test_rank_blocks_cover_every_index_once_at_any_process_count(num):
         assert sorted((b.start, b.stop) for b in blocks) == [
             (b.start, b.stop) for b in rank_blocks(num, 0, 1)
         ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def evaluate(run_dir, out, *, procs: int, sampler: str, num: int) -> dict:

@@ -325,24 +325,20 @@ def test_webdataset_shards_of_any_origin_encode_into_latent_shards(vae, tmp_path
 def test_accelerate_launch_splits_the_encoding_and_writes_the_same_shards(
     vae, latent_shards, tmp_path
 ):
-    import socket
     import subprocess
     import sys
 
-    from conftest import ROOT, subprocess_env
+    from conftest import ROOT, free_port, subprocess_env
 
     from fmgen.data import prepare
 
     prepare("digits", tmp_path / "pixels", resolution=16, channels=1, samples_per_shard=500,
             progress=False)  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "two"
     # CPU processes form one group through --multi_gpu with ACCELERATE_USE_CPU (--cpu: one process)
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                        "--main_process_port", str(port), "-m", "fmgen.data", "prepare", "--source", "shards",
+                        "--main_process_port", str(free_port()), "-m", "fmgen.data", "prepare", "--source", "shards",
                         "--data-path", str(tmp_path / "pixels"), "--autoencoder", str(vae),
                         "--batch-size", "100", "--out", str(out), "--no-progress"],
                        cwd=ROOT, env={**subprocess_env(), "ACCELERATE_USE_CPU": "true"},

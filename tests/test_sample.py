@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, subprocess_env, train_tiny
+from conftest import ROOT, free_port, subprocess_env, train_tiny
 from PIL import Image
 
 from fmgen.cli.sample import sample_command
@@ -21,7 +21,8 @@ from fmgen.models import load_model
 def run_sample(*args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
     head = [sys.executable]
     if torchrun:
-        head += ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+        port = str(free_port())
+        head += ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     return subprocess.run([*head, str(ROOT / "sample.py"), *args], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=600)  # fmt: skip
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from fmgen.train.launch import Topology, accelerate_command, expand_hostlist, topology_from_env
 
@@ -161,7 +162,7 @@ def test_two_simulated_cpu_nodes_join_one_process_group(tmp_path):
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FMGEN_"))}
     base.pop("CUDA_VISIBLE_DEVICES", None)
     base |= {"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    base["MASTER_PORT"] = str(20000 + os.getpid() % 20000)
+    base["MASTER_PORT"] = str(free_port())  # both launchers meet there
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "fmgen.train.launch", "--gpus-per-node", "0", "--", str(probe)],

@@ -18,7 +18,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import DIGITS, ROOT, subprocess_env, tiny
+from conftest import DIGITS, ROOT, free_port, subprocess_env, tiny
 
 SCRIPT = textwrap.dedent(
     """
@@ -68,7 +68,7 @@ def test_a_training_step_has_at_most_one_collective_and_one_host_read(shards, tm
                      f"train.stop_check_every_steps={every}", "train.sample_every_images=0",
                      "optim.fused=true")  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29563", str(script), str(DIGITS), str(out), *overrides]  # fmt: skip
+           "--master_port", str(free_port()), str(script), str(DIGITS), str(out), *overrides]  # fmt: skip
     r = subprocess.run(cmd, cwd=ROOT, env={**subprocess_env(), "ACCELERATE_USE_CPU": "true"},
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]

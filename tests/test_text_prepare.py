@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import logging
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -394,18 +393,15 @@ def test_embedding_resumes_and_a_process_split_writes_the_same_shards(wds_dir, c
 
 @pytest.mark.slow
 def test_torchrun_two_processes_write_the_same_shards_as_one(wds_dir, clip, tmp_path):
-    from conftest import ROOT, subprocess_env
+    from conftest import ROOT, free_port, subprocess_env
 
     def run(out: Path, procs: int) -> subprocess.CompletedProcess:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         argv = ["-m", "fmgen.data", "prepare", "--source", "webdataset", "--data-path",
                 str(wds_dir), "--resolution", "16", "--channels", "1", "--num-classes", "10",
                 "--text-encoder", str(clip), "--text-max-length", str(L), "--batch-size", "4",
                 "--out", str(out), "--no-progress"]  # fmt: skip
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-                  "--master_addr", "127.0.0.1", "--master_port", str(port)]  # fmt: skip
+                  "--master_addr", "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
         return subprocess.run(launch + argv, cwd=ROOT, env=subprocess_env(), capture_output=True,
                               text=True, timeout=600)  # fmt: skip
 

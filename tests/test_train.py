@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BATCH, DIGITS, ROOT, tiny
+from conftest import BATCH, DIGITS, ROOT, free_port, tiny
 from conftest import subprocess_env as env
 from safetensors.torch import load_file
 
@@ -259,7 +259,7 @@ def test_two_ranks_match_one_rank(shards, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        str(free_port()),
     ]
     r2 = subprocess.run([*torchrun, str(ROOT / "train.py"), "--config", str(DIGITS), *two],
                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)  # fmt: skip
