@@ -5,6 +5,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+# pytest-xdist's workers (pyproject's addopts) share the cores: THREADS, each worker's share, is
+# set before torch starts its thread pool and inherited by in-process trainings
+# (train.cpu_threads=0 keeps OMP_NUM_THREADS). More threads than cores only wait for each other.
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (_CORES or 1) // _WORKERS)))
+THREADS = int(os.environ.get("OMP_NUM_THREADS") or _CORES or 1)
 
 from pathlib import Path  # noqa: E402
 
@@ -52,6 +60,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist the slow tests start first, the longest (``slow(minutes=N)``) before the others:
+    started last, one of them would run on alone while the other workers sit idle at the end.
+    The workers take tests in this order (pyproject's addopts: loadgroup, no reordering)."""
+
+    def later(item) -> tuple[bool, float]:
+        slow = item.get_closest_marker("slow")
+        return slow is None, -(slow.kwargs.get("minutes", 0) if slow else 0)
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=later)  # stable: otherwise in collection order
 
 
 @pytest.fixture(scope="session")

@@ -58,21 +58,36 @@ RUNS = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backbone", list(RUNS))
-def test_guided_latent_samples_are_the_requested_digits(backbone, tmp_path):
-    from fmgen.train import train
-
-    config, overrides, images = RUNS[backbone]
+@pytest.fixture(scope="module")
+def trained_vae(tmp_path_factory) -> tuple[Path, float, float]:
+    """(folder, reconstruction MSE, seconds): the VAE, trained once for both backbones (it is
+    deterministic: the same weights either way); one torch thread, as the runs below use."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convolutions: a second thread on a shared CPU only waits
     try:
         t0 = time.perf_counter()
-        mse = train_vae(tmp_path / "vae")
-        t_vae = time.perf_counter() - t0
+        folder = tmp_path_factory.mktemp("trained-vae") / "vae"
+        mse = train_vae(folder)
+    finally:
+        torch.set_num_threads(threads)
+    return folder, mse, time.perf_counter() - t0
+
+
+@pytest.mark.slow(minutes=2)
+@pytest.mark.xdist_group("latent-quality")  # one worker trains the shared VAE, once
+@pytest.mark.parametrize("backbone", list(RUNS))
+def test_guided_latent_samples_are_the_requested_digits(backbone, trained_vae, tmp_path):
+    from fmgen.train import train
+
+    config, overrides, images = RUNS[backbone]
+    vae, mse, t_vae = trained_vae
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: a second thread on a shared CPU only waits
+    try:
+        t0 = time.perf_counter()
         cfg = load_config(config, [
             f"data.path={tmp_path / 'latents'}",  # data.source=digits: prepared as latent shards
-            f"model.autoencoder={tmp_path / 'vae'}", *overrides, f"train.total_images={images}",
+            f"model.autoencoder={vae}", *overrides, f"train.total_images={images}",
             f"train.run_dir={tmp_path / 'run'}", "eval.report=digits", "eval.report_samples=200",
             "logging.wandb=false",
         ])  # fmt: skip

@@ -256,6 +256,10 @@ def test_sbatch_test_only_cpu_on_this_node(slurm):
 
 # --- end to end: real jobs running train.py on CPU ---------------------------------------------
 
+# Each job asks for all the node's CPUs, so two at once would queue one behind the other and
+# its test's wait could run out: under pytest-xdist they share one worker, one after another.
+ON_THE_NODE = pytest.mark.xdist_group("slurm-node")
+
 
 def job_info(job_id: str) -> dict[str, str]:
     out = subprocess.run(
@@ -308,6 +312,7 @@ def latest_state(run_dir: Path) -> dict | None:
 
 
 @pytest.mark.slow
+@ON_THE_NODE
 def test_train_job_runs_to_the_end(slurm, tmp_path):
     total_steps = 10
     job_id, run_dir, log = submit_train(tmp_path, total_steps * BATCH, 4 * BATCH)
@@ -324,7 +329,8 @@ def test_train_job_runs_to_the_end(slurm, tmp_path):
         subprocess.run(["scancel", job_id], capture_output=True)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=2)  # mostly waiting for SLURM
+@ON_THE_NODE
 def test_train_job_preempted_requeued_and_resumed(slurm, tmp_path):
     total_steps = 400  # long enough to still be running when the signal comes
     job_id, run_dir, log = submit_train(tmp_path, total_steps * BATCH, 40 * BATCH)
