@@ -32,6 +32,8 @@ TINY = [
     "optim.warmup_images=32",
     "logging.wandb=false",
     "eval.report=",
+    "sample.sampler=heun",  # the tests count Heun's evaluations (the job samples with dpm++2m)
+    "sample.time_grid=uniform",
     "sample.steps=2",
     "sample.per_class=2",
 ]

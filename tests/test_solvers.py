@@ -687,7 +687,7 @@ def test_config_keys_make_the_spec():
     from fmgen.config import ConfigError, load_config, sampling_spec
 
     digits = ROOT / "configs" / "digits.yaml"
-    cfg = load_config(digits, ["sample.time_grid=list", "sample.times=[0, 0.4, 0.8, 1]",
+    cfg = load_config(digits, ["sample.sampler=heun", "sample.time_grid=list", "sample.times=[0, 0.4, 0.8, 1]",
                                "sample.steps=3", "sample.final_step=solver", "sample.churn=4",
                                "sample.churn_sigma_max=10", "sample.rho=5"])  # fmt: skip
     spec = sampling_spec(cfg)
@@ -698,7 +698,9 @@ def test_config_keys_make_the_spec():
         "solver",
     )
     assert (spec.churn, spec.churn_sigma_max, spec.rho) == (4.0, 10.0, 5.0)
-    assert sampling_spec(load_config(digits)) == SamplingSpec(guidance=2.0)  # the defaults agree
+    # the job's choice (bench/nfe_sweep.py): the defaults but for the sampler, grid and steps
+    want = SamplingSpec(sampler="dpm++2m", grid="edm", steps=10, guidance=2.0)
+    assert sampling_spec(load_config(digits)) == want
     for override, needle in [("sample.final_step=last", "sample.final_step"),
                              ("sample.time_grid=list", "grid 'list' needs times"),
                              ("sample.churn=-1", "churn must be"),
