@@ -67,3 +67,26 @@ def test_too_few_points_or_mismatched_features_are_refused():
         precision_recall(x, torch.randn(10, 2))
     with pytest.raises(EvalError, match=r"\(10, 2\) and \(10, 3\)"):
         precision_recall(torch.randn(10, 2), torch.randn(10, 3))
+
+
+def test_captured_features_keep_every_batch_without_a_limit():
+    """FID updates in batches of 500: with no limit every batch's features are kept (once only
+    the first batch's were, so precision/recall of > 500 images saw 500 of them)."""
+    import torch
+
+    from fmgen.eval.digits import digits_spec, train_digits_classifier
+    from fmgen.eval.fid import _joined, _update, captured_features, make_metric
+    from fmgen.eval.images import to_uint8
+
+    spec = digits_spec(train_digits_classifier(8, 1), 1)
+    metric = make_metric(spec)
+    x = torch.rand(1200, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with captured_features(metric) as bag:
+        _update(metric, x, spec, real=False)
+    with captured_features(metric, limit=700) as capped:
+        _update(metric, x, spec, real=False)
+    got, first = _joined(bag, spec.dim), _joined(capped, spec.dim)
+    assert got.shape == (1200, 128) and first.shape == (700, 128)
+    assert torch.equal(got[:700], first)
+    # the features of these images, in order (float32 of one batch against batches of 500)
+    torch.testing.assert_close(got, spec.feature(to_uint8(x)).float(), rtol=1e-5, atol=1e-6)

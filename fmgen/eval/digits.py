@@ -30,10 +30,8 @@ from fmgen.eval.features import (
     weights_hash,
     write_cache,
 )
-from fmgen.eval.fid import fids_against
+from fmgen.eval.fid import scores_against
 from fmgen.eval.generate import generate
-from fmgen.eval.images import to_uint8
-from fmgen.eval.manifold import precision_recall
 from fmgen.models.autoencoder import Autoencoder
 
 log = logging.getLogger("fmgen.eval.digits")
@@ -286,14 +284,12 @@ def fid_fields(
     for name, samples in ordered.items():
         pick = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))[:k]
         fakes[name] = samples[pick]
-    spec = digits_spec(clf, cfg.data.channels)
-    fids = fids_against(x[tr], fakes, spec)
-    out.update({f"fid_{name}_vs_train": value for name, value in fids.items()})
-    k_pr = cfg.eval.precision_recall_k
-    if k_pr:  # precision/recall beside FID, in the same features, against the same split
-        real = spec.feature(to_uint8(x[tr]))
-        for name, images in fakes.items():
-            pr = precision_recall(real, spec.feature(to_uint8(images)), k=k_pr)
+    # precision/recall beside FID, on the same features of the same split
+    scores = scores_against(x[tr], fakes, digits_spec(clf, cfg.data.channels),
+                            pr_k=cfg.eval.precision_recall_k)  # fmt: skip
+    for name, (fid, pr) in scores.items():
+        out[f"fid_{name}_vs_train"] = fid
+        if pr is not None:
             out[f"precision_{name}"], out[f"recall_{name}"] = pr.precision, pr.recall
     return out
 

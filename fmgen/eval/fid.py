@@ -97,7 +97,7 @@ def captured_features(
     bag: list[Tensor] = []
 
     def keep(_module: Any, _inputs: Any, out: Tensor) -> None:
-        room = (limit if limit is not None else len(out)) - sum(len(b) for b in bag)
+        room = len(out) if limit is None else limit - sum(len(b) for b in bag)
         if room > 0:
             bag.append(out.detach().reshape(-1, out.shape[-1])[:room].float().cpu())  # (B, D)
 
@@ -286,17 +286,30 @@ def fids_against(
     real: Tensor, fakes: dict[str, Tensor], spec: FeatureSpec, inception_weights: str = ""
 ) -> dict[str, float]:
     """FID of each fake set against one real set (no cache), the real features computed once."""
+    return {name: fid for name, (fid, _) in scores_against(real, fakes, spec, inception_weights).items()}
+
+
+def scores_against(
+    real: Tensor, fakes: dict[str, Tensor], spec: FeatureSpec, inception_weights: str = "",
+    *, pr_k: int = 0,
+) -> dict[str, tuple[float, PrecisionRecall | None]]:  # fmt: skip
+    """FID, and with ``pr_k`` > 0 the precision/recall on the very same features, of each fake
+    set against one real set (no cache); every image's features are computed once."""
     sets = {"real images": real, **{f"{name} images": fake for name, fake in fakes.items()}}
     for what, images in sets.items():
         check_fid_count(len(images), spec.dim, spec.name, what=what,
                         fix="compare more than {dim} images on each side")  # fmt: skip
     metric = make_metric(spec, inception_weights)
-    _update(metric, real, spec, real=True)
+    with captured_features(metric, limit=None if pr_k else 0) as bag:
+        _update(metric, real, spec, real=True)
+    real_features = _joined(bag, spec.dim)
     out = {}
     for name, fake in fakes.items():
         metric.reset()  # clears the fake statistics only (reset_real_features=False)
-        _update(metric, fake, spec, real=False)
-        out[name] = float(metric.compute())
+        with captured_features(metric, limit=None if pr_k else 0) as bag:
+            _update(metric, fake, spec, real=False)
+        pr = precision_recall(real_features, _joined(bag, spec.dim), k=pr_k) if pr_k else None
+        out[name] = (float(metric.compute()), pr)
     return out
 
 
