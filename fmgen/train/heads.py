@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from fmgen.config import Config, ConfigError
 from fmgen.core import GaussianPath, reweight_factor
+from fmgen.eval import feature_spec  # registers every feature network
 from fmgen.eval.images import to_uint8
 from fmgen.models import FlowModel
 
@@ -156,25 +157,19 @@ class RepaTarget:
     first (latent models)."""
 
     def __init__(self, cfg: Config, device: Any, autoencoder: Any = None) -> None:
-        from fmgen.eval import feature_spec  # registers every feature network
-
         # the user's factory may seed torch's global RNG: the run's random streams stay its own
         with torch.random.fork_rng(devices=[]):
-            self.spec = self._build(cfg, device, feature_spec)
+            self.spec = feature_spec(
+                cfg.repa.feature_network, path=cfg.repa.feature_network_path,
+                resolution=cfg.data.resolution, channels=cfg.data.channels,
+                cache_dir=Path(cfg.train.run_dir) / "cache", device=device,
+                flags=("repa.feature_network", "repa.feature_network_path"),
+            )  # fmt: skip
         if isinstance(self.spec.feature, int):
             raise ConfigError(f"repa.feature_network: {cfg.repa.feature_network} is not a module "
                               f"fmgen can run in training; use dinov2:, module: or torchscript:")  # fmt: skip
         self.autoencoder = autoencoder
         self.dim = self.spec.dim
-
-    @staticmethod
-    def _build(cfg: Config, device: Any, feature_spec: Any) -> Any:
-        return feature_spec(
-            cfg.repa.feature_network, path=cfg.repa.feature_network_path,
-            resolution=cfg.data.resolution, channels=cfg.data.channels,
-            cache_dir=Path(cfg.train.run_dir) / "cache", device=device,
-            flags=("repa.feature_network", "repa.feature_network_path"),
-        )  # fmt: skip
 
     @torch.no_grad()
     def __call__(self, z: Tensor) -> Tensor:
