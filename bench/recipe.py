@@ -71,6 +71,9 @@ def score_checkpoint(ckpt: Path, args: argparse.Namespace, report: str) -> dict:
     loaded = load_model(ckpt, weights="ema")
     cfg, model = loaded.config, loaded.model
     cfg.eval.report_samples = args.num_samples
+    # every recipe is scored with the same solver, whatever its config samples with
+    cfg.sample.sampler, cfg.sample.time_grid, steps = args.sampling.split(",")
+    cfg.sample.steps = int(steps)
     cfg.train.run_dir = args.out  # the judge is trained once and cached for every run
     out: dict = {"images": json.loads((ckpt / "fmgen_state.json").read_text())["images"]}
     if report and not args.feature_network:
@@ -185,6 +188,8 @@ def main() -> None:
     p.add_argument("--total-images", type=int, default=56320)
     p.add_argument("--eval-every", type=int, default=28160)
     p.add_argument("--num-samples", type=int, default=500)
+    p.add_argument("--sampling", default="heun,uniform,20",
+                   help="SAMPLER,GRID,STEPS of every score (the README's figures: heun,uniform,20)")
     p.add_argument("--feature-network", default="", help="score with this network instead of the report")
     p.add_argument("--feature-network-path", default="")
     p.add_argument("--data", default=str(ROOT / "data" / "digits-16"), help="the data.path of every run")
