@@ -1,5 +1,5 @@
 """The math of fmgen: Gaussian paths and conversions, the exact oracle, losses, solvers, grids,
-power-function EMA and its post-hoc reconstruction.
+MeanFlow (average velocity, few-step), power-function EMA and its post-hoc reconstruction.
 
 Pure torch (no Accelerate, no torch.distributed, no W&B, no file I/O, no config objects), so
 every formula is testable in milliseconds. Time convention: t = 0 is noise, t = 1 is data.
@@ -26,6 +26,14 @@ from fmgen.core.losses import (
     reweight_factor,
     sample_time,
 )
+from fmgen.core.meanflow import (
+    AverageField,
+    adaptive_weight,
+    meanflow_loss,
+    meanflow_target,
+    sample_interval_times,
+    sample_meanflow,
+)
 from fmgen.core.oracle import Oracle
 from fmgen.core.paths import PATHS, PREDICTION_TYPES, GaussianPath, get_path
 from fmgen.core.samplers import SAMPLERS, Churn, beta_sigma, count_nfe, get_sampler
@@ -45,11 +53,13 @@ __all__ = [
     "SIGMA_REL_MAX",
     "TIME_GRIDS",
     "TIME_SAMPLINGS",
+    "AverageField",
     "Churn",
     "GaussianPath",
     "Oracle",
     "PosthocWeights",
     "SamplingSpec",
+    "adaptive_weight",
     "beta_sigma",
     "cfg_field",
     "cfg_net",
@@ -59,12 +69,16 @@ __all__ = [
     "get_loss",
     "get_path",
     "get_sampler",
+    "meanflow_loss",
+    "meanflow_target",
     "nfe",
     "steps_within",
     "posthoc_weights",
     "power_ema_beta",
     "power_profile_dot",
     "reweight_factor",
+    "sample_interval_times",
+    "sample_meanflow",
     "sample_time",
     "sigma_rel_to_gamma",
     "solve",

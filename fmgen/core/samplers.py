@@ -1,6 +1,7 @@
 """ODE and SDE solvers from noise (t = 0) to data (t = 1): Euler, Heun (with EDM's churn),
 midpoint, RK4, Euler-Maruyama, and the registry that also holds the multistep DPM-Solver++
-(``fmgen.core.multistep``).
+(``fmgen.core.multistep``) and the MeanFlow sampler (``fmgen.core.meanflow``, whose field is an
+average velocity u(x, t, r), not a velocity).
 
 Every sampler has one signature, ``sample_x(field, x, ts, *, path=None, final_step="solver",
 callback=None, disable=True)`` (the stochastic ones, ``sample_euler_maruyama`` and Heun with
@@ -44,6 +45,7 @@ import torch
 from torch import Tensor
 
 from fmgen.core.grids import sigma_of, time_of_sigma
+from fmgen.core.meanflow import sample_meanflow
 from fmgen.core.multistep import sample_dpmpp_2m, sample_dpmpp_3m
 from fmgen.core.paths import GaussianPath, expand_time
 from fmgen.core.solver_base import (
@@ -336,6 +338,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "midpoint": sample_midpoint,
     "dpm++2m": sample_dpmpp_2m,
     "dpm++3m": sample_dpmpp_3m,
+    "meanflow": sample_meanflow,  # integrates an AVERAGE field u(x, t, r), not a velocity
 }
 
 

@@ -35,9 +35,11 @@ _EVALS_PER_STEP = {
     "heun": 2,
     "midpoint": 2,
     "rk4": 4,
+    "meanflow": 1,
 }
-# the evaluations of a "solver" step that ends at t = 1 (Heun: Euler; RK4: Heun's third order)
-_EVALS_LAST_SOLVER_STEP = {**_EVALS_PER_STEP, "heun": 1, "rk4": 3}
+# the evaluations of a "solver" step that ends at t = 1 (Heun: Euler; RK4: Heun's third order;
+# MeanFlow: its own one-evaluation step, which never evaluates at t = 1)
+_EVALS_LAST_SOLVER_STEP = {**_EVALS_PER_STEP, "heun": 1, "rk4": 3, "meanflow": 1}
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,9 @@ class SamplingSpec:
 
     Attributes:
         sampler: a name of ``SAMPLERS`` (euler, heun, rk4, sde, midpoint, dpm++2m,
-            dpm++3m).
+            dpm++3m, meanflow). ``meanflow`` integrates an average-velocity field u(x, t, r)
+            (``fmgen.core.meanflow``), one evaluation per step whatever ``final_step`` says;
+            ``solve`` passes it the field it is given, which must then be such a field.
         steps: solver steps (the grid has steps + 1 times).
         guidance: classifier-free guidance scale; 1 = the conditional model alone, 0 = the
             unconditional one, > 1 pushes away from the unconditional prediction.
@@ -222,12 +226,13 @@ def nfe(sampler: str, steps: int, *, t_end: float = 1.0, final_step: str = "deno
     """Field evaluations per sample of ``sampler`` over ``steps`` steps of a grid ending at ``t_end``.
 
     The one definition used by FID records, benchmarks and sweeps. Each step costs its solver's
-    evaluations (euler, sde, dpm++2m, dpm++3m: 1; heun, midpoint: 2; rk4: 4), except a step that ends at
-    t = 1: with ``final_step="denoise"`` (``SamplingSpec``'s default) it costs 1 (x0_hat from
-    one velocity), with ``"solver"`` Heun's costs 1 (an Euler step) and RK4's 3 (Heun's
-    third-order method). Heun with churn costs what Heun does. With guidance each evaluation is
-    ONE network call on a batch of 2B (``cfg_net``), so guidance does not change the count; it
-    doubles the work per call (a ``guidance_interval`` leaves the calls outside it at B).
+    evaluations (euler, sde, dpm++2m, dpm++3m, meanflow: 1; heun, midpoint: 2; rk4: 4), except a
+    step that ends at t = 1: with ``final_step="denoise"`` (``SamplingSpec``'s default) it costs
+    1 (x0_hat from one velocity), with ``"solver"`` Heun's costs 1 (an Euler step) and RK4's 3
+    (Heun's third-order method); MeanFlow's costs 1 either way (its own step, no x0_hat). Heun
+    with churn costs what Heun does. With guidance each evaluation is ONE network call on a batch
+    of 2B (``cfg_net``), so guidance does not change the count; it doubles the
+    work per call (a ``guidance_interval`` leaves the calls outside it at B).
     """
     get_sampler(sampler)
     if final_step not in FINAL_STEPS:
