@@ -22,7 +22,6 @@ from fmgen.base import FmgenError
 from fmgen.core import (
     DSM_WEIGHTINGS,
     FINAL_STEPS,
-    LOSSES,
     MODE_SCALE_RANGE,
     PATHS,
     PREDICTION_TYPES,
@@ -35,6 +34,7 @@ from fmgen.core import (
     SamplingSpec,
     get_path,
 )
+from fmgen.core.losses import LOSS_NAMES, MEANFLOW
 
 
 class ConfigError(FmgenError, ValueError):
@@ -116,6 +116,15 @@ class LossConfig:
     # EDM2's learned uncertainty: loss / exp(u(t)) + u(t), u a small network of t trained with
     # the model (a training head: in checkpoints, not in exports)
     uncertainty: bool = False
+    # loss.name: meanflow (Geng et al. 2025): the model predicts the average velocity u(x, t, r);
+    # (t, r) are two draws of time_sampling (loc, scale) sorted, and a share of rows has r = t
+    meanflow_equal_share: float = 0.75  # the paper's best: 25% of rows with r != t
+    meanflow_power: float = 1.0  # adaptive weight 1 / (err + c)^power (0: plain squared error)
+    meanflow_c: float = 1.0e-3
+    # classifier-free guidance folded into the target: v~ = w v + kappa u(c) + (1 - w - kappa)
+    # u(null) on rows whose condition was kept (1, 0: none); sample such a model with guidance 1
+    meanflow_guidance: float = 1.0
+    meanflow_kappa: float = 0.0
 
 
 @dataclass
@@ -314,7 +323,7 @@ class Config:
 # eval.report) are checked by those layers (``fmgen.train.check_config`` runs every check).
 CHOICES: dict[str, tuple[str, ...]] = {
     "path.name": tuple(PATHS),
-    "loss.name": tuple(LOSSES),
+    "loss.name": LOSS_NAMES,
     "loss.weighting": DSM_WEIGHTINGS,
     "loss.time_sampling": TIME_SAMPLINGS,
     "loss.reweight": REWEIGHTINGS,
@@ -605,6 +614,7 @@ def validate(cfg: Config) -> None:
     if cfg.optim.schedule == "inverse-sqrt" and cfg.optim.decay_images <= 0:
         raise ConfigError("optim.schedule=inverse-sqrt needs optim.decay_images > 0 (images seen "
                           "before the decay starts; EDM2: 70000 x 2048)")  # fmt: skip
+    _check_meanflow(cfg)
     if cfg.repa.feature_network and cfg.repa.hidden <= 0:
         raise ConfigError(f"repa.hidden: must be > 0, got {cfg.repa.hidden}")
     if not 0 < cfg.path.b0 < cfg.path.b1:
@@ -612,6 +622,34 @@ def validate(cfg: Config) -> None:
             f"path.b0, path.b1: need 0 < b0 < b1 (vp-linear's beta range), got "
             f"{cfg.path.b0}, {cfg.path.b1}"
         )
+
+
+def _check_meanflow(cfg: Config) -> None:
+    """MeanFlow's options, and the recipe options it does not combine with."""
+    lc = cfg.loss
+    if not 0 <= lc.meanflow_equal_share <= 1:
+        raise ConfigError(f"loss.meanflow_equal_share: must lie in [0, 1], got {lc.meanflow_equal_share}")
+    if lc.meanflow_power < 0 or lc.meanflow_c <= 0:
+        raise ConfigError(f"loss.meanflow_power >= 0 and loss.meanflow_c > 0 needed, got "
+                          f"{lc.meanflow_power}, {lc.meanflow_c}")  # fmt: skip
+    if lc.meanflow_guidance <= 0 or not 0 <= lc.meanflow_kappa < 1:
+        raise ConfigError(f"loss.meanflow_guidance must be > 0 and loss.meanflow_kappa in [0, 1), "
+                          f"got {lc.meanflow_guidance}, {lc.meanflow_kappa}")  # fmt: skip
+    if lc.name != MEANFLOW:
+        return
+    if cfg.model.prediction_type != "velocity":
+        raise ConfigError(
+            f"loss.name=meanflow predicts the average velocity; set model.prediction_type=velocity "
+            f"(got {cfg.model.prediction_type!r})"
+        )
+    for key, value, off in (("loss.reweight", lc.reweight, "none"),
+                            ("loss.uncertainty", lc.uncertainty, False),
+                            ("repa.feature_network", cfg.repa.feature_network, "")):  # fmt: skip
+        if value != off:
+            raise ConfigError(
+                f"{key}={value!r} does not combine with loss.name=meanflow (MeanFlow weights its "
+                f"loss adaptively: loss.meanflow_power); set {key}={off!r}"
+            )
 
 
 def _check_posthoc(sigma_rels: list[float]) -> None:

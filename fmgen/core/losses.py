@@ -253,6 +253,11 @@ def reweight_factor(path: GaussianPath, t: Tensor, reweight: str, loss: str, *,
 
 LOSSES: dict[str, Callable[..., Tensor]] = {"cfm": cfm_loss, "dsm": dsm_loss}
 
+MEANFLOW = "meanflow"
+"""The name of MeanFlow's loss (``fmgen.core.meanflow.meanflow_loss``): it takes the end r of an
+averaging interval and the guidance terms besides LOSSES' arguments, so it is not among them."""
+LOSS_NAMES = (*LOSSES, MEANFLOW)
+
 
 def get_loss(name: str) -> Callable[..., Tensor]:
     """The loss function registered under ``name``; an unknown name lists the valid ones."""

@@ -39,7 +39,12 @@ def model_field(
 ) -> Field:  # fmt: skip
     """The velocity field u(x, t) of the model for fixed conditions, with guidance if
     conditional (only at lo <= t <= hi with ``interval``, the conditional prediction elsewhere);
-    ``negative`` (the conditions of negative prompts) replaces the null condition."""
+    ``negative`` (the conditions of negative prompts) replaces the null condition.
+
+    A model of the average velocity (MeanFlow) gives u(x, t, r=None), the average over [t, r]
+    (r = None: r = t, the velocity), so the ``meanflow`` sampler and every ODE solver take it."""
+    if model.average:
+        return _average_field(model, cond, guidance, negative, interval)
     if cond is None or not model.conditional:
         return velocity_field(lambda x, t: model(x, t, None), path, model.prediction_type)
     # guidance is affine, and so are the conversions: guiding the raw prediction equals
@@ -47,6 +52,29 @@ def model_field(
     null = model.conditioning.null_like(cond) if negative is None else negative.to(cond)
     guided = cfg_net(model, cond, null, guidance, interval=interval)
     return velocity_field(guided, path, model.prediction_type)
+
+
+def _average_field(model: FlowModel, cond: Tensor | None, guidance: float, negative: Tensor | None,
+                   interval: tuple[float, float] | None) -> Field:  # fmt: skip
+    """u(x, t, r) of an average-velocity model (it predicts velocities: no conversion), guided
+    as ``model_field`` guides (a model trained with guidance in its target samples at 1)."""
+    conditional = cond is not None and model.conditional
+    null = None
+    if conditional:
+        null = model.conditioning.null_like(cond) if negative is None else negative.to(cond)
+
+    def field(x: Tensor, t: Tensor, r: Tensor | None = None) -> Tensor:
+        r = t if r is None else r
+        if not conditional:
+            return model(x, t, None, r=r)
+
+        def net(xs: Tensor, ts: Tensor, cs: Tensor) -> Tensor:
+            # cfg_net calls with the B rows, or with the conditional and null halves as 2B
+            return model(xs, ts, cs, r=r.repeat(len(xs) // len(r)))
+
+        return cfg_net(net, cond, null, guidance, interval=interval)(x, t)
+
+    return field
 
 
 @torch.no_grad()
@@ -82,6 +110,11 @@ def generate(
             model.conditioning.check(negative, num)
     except ConditionError as e:
         raise SampleError(str(e)) from None
+    if spec.sampler == "meanflow" and not model.average:
+        raise SampleError(
+            "sampler 'meanflow' steps with the average velocity, which this model was not trained "
+            "to predict (train with loss.name=meanflow); choose another sampler, e.g. heun"
+        )
     ae = autoencoder or IdentityAutoencoder()
     shape = model.sample_shape
     dtype = next(model.parameters()).dtype

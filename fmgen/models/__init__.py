@@ -1,9 +1,11 @@
 """Models: backbones behind one registry, the prediction-type wrapper, conditioning, the
 autoencoder stage, and the run folder's model files (export, loading a checkpoint).
 
-Importing this package registers the built-in backbones (``unet``, ``dit``).
+Importing this package registers the built-in backbones (``unet``, ``dit``, their text-reading
+variants and their variants with a second time input for MeanFlow).
 """
 
+from fmgen.models import average as _average  # noqa: F401  (registers the *-meanflow variants)
 from fmgen.models import dit as _dit  # noqa: F401  (registers model.type: dit)
 from fmgen.models import text_backbones as _text  # noqa: F401  (registers unet-text, dit-text)
 from fmgen.models import unet as _unet  # noqa: F401  (registers model.type: unet)

@@ -42,6 +42,11 @@ class BackboneSpec:
         check: ``check(cfg, shape)`` raises ConfigError naming a bad option of this backbone.
         text_variant: the registry name of this backbone's text-reading variant, which text
             conditioning builds instead ("" = none); its ``call`` gets a ``TextEmbedding``.
+        reads_text: this backbone is a text-reading variant.
+        interval_variant: the registry name of this backbone's variant with a second time input,
+            which models of the average velocity (``loss.name: meanflow``) build ("" = none).
+        reads_interval: this backbone is such a variant: ``call(module, x, t, cond, r)`` with r
+            (B,) the end of the interval [t, r] (``fmgen.models.average``).
     """
 
     name: str
@@ -51,6 +56,8 @@ class BackboneSpec:
     check: Callable[[Config, Shape], None] = _no_checks
     text_variant: str = ""
     reads_text: bool = False
+    interval_variant: str = ""
+    reads_interval: bool = False
 
     @property
     def class_name(self) -> str:
@@ -80,11 +87,21 @@ def get_backbone(name: str) -> BackboneSpec:
 
 def text_backbone(spec: BackboneSpec) -> BackboneSpec:
     """The text-reading variant of ``spec`` (itself if it reads text)."""
-    if spec.reads_text:
+    return _variant(spec, "text", "a text-reading variant; with model.text_encoder set")
+
+
+def interval_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """The variant of ``spec`` with a second time input (itself if it has one)."""
+    return _variant(spec, "interval", "a variant with a second time input, which loss.name=meanflow needs;")
+
+
+def _variant(spec: BackboneSpec, kind: str, what: str) -> BackboneSpec:
+    """``spec``'s ``{kind}_variant`` (``spec`` itself if it ``reads_{kind}``)."""
+    if getattr(spec, f"reads_{kind}"):
         return spec
-    if not spec.text_variant:
-        raise ConfigError(
-            f"model.type {spec.name!r} has no text-reading variant; with model.text_encoder set "
-            f"choose one of: {', '.join(repr(n) for n, s in BACKBONES.items() if s.text_variant)}"
-        )
-    return get_backbone(spec.text_variant)
+    name = getattr(spec, f"{kind}_variant")
+    if not name:
+        offers = [n for n, s in BACKBONES.items() if getattr(s, f"{kind}_variant") and not s.reads_text]
+        raise ConfigError(f"model.type {spec.name!r} has no {what} choose one of: "
+                          f"{', '.join(map(repr, offers))}")  # fmt: skip
+    return get_backbone(name)

@@ -77,6 +77,12 @@ def check_dit(cfg: Config, shape: Shape) -> None:
         )
 
 
+def label_table(emb: nn.Module) -> nn.Embedding:
+    """The label table of a block's adaLN-Zero embedding (looking through a wrapper's ``inner``)."""
+    labels = emb.class_embedder
+    return getattr(labels, "inner", labels).embedding_table
+
+
 def init_like_dit(dit: DiTTransformer2DModel) -> None:
     """The DiT paper's initialisation (facebookresearch/DiT ``initialize_weights``).
 
@@ -92,7 +98,7 @@ def init_like_dit(dit: DiTTransformer2DModel) -> None:
     nn.init.zeros_(dit.pos_embed.proj.bias)
     for block in dit.transformer_blocks:
         emb = block.norm1.emb
-        nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(label_table(emb).weight, std=0.02)
         nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
         nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
         nn.init.zeros_(block.norm1.linear.weight)  # adaLN-Zero: shift, scale and gates start at 0
@@ -102,11 +108,12 @@ def init_like_dit(dit: DiTTransformer2DModel) -> None:
         nn.init.zeros_(layer.bias)
 
 
-def build_dit(cfg: Config, shape: Shape, conditioning: Conditioning) -> DiT:
-    """A DiT for samples of ``shape``; its extra "dropped" label row is fmgen's null label."""
+def build_dit(cfg: Config, shape: Shape, conditioning: Conditioning, cls: type[DiT] = DiT) -> DiT:
+    """A DiT (or its subclass ``cls``) for samples of ``shape``; its extra "dropped" label row is
+    fmgen's null label."""
     d = cfg.model.dit
     rows = conditioning.num_embeddings  # real classes + the null label, or None
-    dit = DiT(
+    dit = cls(
         num_attention_heads=d.heads,
         attention_head_dim=d.width // d.heads,
         in_channels=shape[0],
@@ -117,7 +124,7 @@ def build_dit(cfg: Config, shape: Shape, conditioning: Conditioning) -> DiT:
         patch_size=d.patch_size,
         num_embeds_ada_norm=rows - 1 if rows else 1,
     )
-    table = dit.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+    table = label_table(dit.transformer_blocks[0].norm1.emb)
     assert table.num_embeddings == (rows or 2), "diffusers' DiT label table changed its layout"
     init_like_dit(dit)
     return dit
@@ -130,5 +137,6 @@ def call_dit(dit: DiT, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
 
 
 DIT = register_backbone(
-    BackboneSpec("dit", DiT, build=build_dit, call=call_dit, check=check_dit, text_variant="dit-text")
+    BackboneSpec("dit", DiT, build=build_dit, call=call_dit, check=check_dit, text_variant="dit-text",
+                 interval_variant="dit-meanflow")
 )

@@ -1,7 +1,9 @@
 """``FlowModel``: a backbone with a declared prediction type, a conditioning and a sample shape.
 
 The wrapper maps (x, t, c) with t in [0, 1] (0 = noise, 1 = data) to the declared target
-(velocity, eps, score or x0). It knows its backbone only through the registry's
+(velocity, eps, score or x0). A model of the average velocity (``average``, trained with
+``loss.name: meanflow``) also takes r >= t and returns u(x, t, r), the average velocity over [t, r];
+at r = t (the default) that is the velocity. It knows its backbone only through the registry's
 ``BackboneSpec``, so generation, export and loading never read backbone-specific attributes.
 """
 
@@ -12,9 +14,16 @@ from typing import Any
 from torch import Tensor, nn
 
 from fmgen.config import Config
+from fmgen.core.losses import MEANFLOW
 from fmgen.core.paths import check_prediction_type
 from fmgen.models.autoencoder import Autoencoder, build_autoencoder
-from fmgen.models.backbones import BackboneSpec, Shape, get_backbone, text_backbone
+from fmgen.models.backbones import (
+    BackboneSpec,
+    Shape,
+    get_backbone,
+    interval_backbone,
+    text_backbone,
+)
 from fmgen.models.conditioning import (
     ClassLabels,
     Conditioning,
@@ -50,6 +59,11 @@ class FlowModel(nn.Module):
         self.sample_shape = tuple(sample_shape)
 
     @property
+    def average(self) -> bool:
+        """Whether the model predicts the average velocity u(x, t, r) (a MeanFlow model)."""
+        return self.spec.reads_interval
+
+    @property
     def conditional(self) -> bool:
         return self.conditioning.conditional
 
@@ -58,8 +72,9 @@ class FlowModel(nn.Module):
         """Real classes of a class-conditional model (0 otherwise)."""
         return getattr(self.conditioning, "num_classes", 0)
 
-    def forward(self, x: Tensor, t: Tensor, c: Tensor | None = None) -> Tensor:
-        """x: (B, C, H, W); t: (B,) or () in [0, 1]; c: (B, ...) conditions or None (null)."""
+    def forward(self, x: Tensor, t: Tensor, c: Tensor | None = None, r: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W); t: (B,) or () in [0, 1]; c: (B, ...) conditions or None (null);
+        r: (B,) or () ends of the intervals [t, r] of an average-velocity model (None: r = t)."""
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         if self.conditional and c is None:
             c = self.conditioning.null(x.shape[0], x.device)
@@ -67,6 +82,14 @@ class FlowModel(nn.Module):
             self.conditioning.check(c, x.shape[0])
         if isinstance(self.conditioning, TextConditioning):
             c = self.conditioning.embed(c, self.text_encoder)  # a TextEmbedding
+        if self.average:
+            r = t if r is None else (r.expand(x.shape[0]) if r.ndim == 0 else r)
+            return self.spec.call(self.backbone, x, t, c, r)
+        if r is not None:
+            raise ValueError(
+                "r (the end of an averaging interval) was given to a model of the instantaneous "
+                "velocity; only models trained with loss.name=meanflow take it"
+            )
         return self.spec.call(self.backbone, x, t, c)
 
     @property
@@ -114,9 +137,11 @@ def text_conditioning(cfg: Config, frozen: FrozenTextEncoder | None = None) -> T
 
 
 def model_spec(cfg: Config, conditioning: Conditioning) -> BackboneSpec:
-    """model.type's registry entry; text conditioning takes its text-reading variant."""
+    """model.type's registry entry; text conditioning takes its text-reading variant, and
+    ``loss.name: meanflow`` the variant with a second time input."""
     spec = get_backbone(cfg.model.type)
-    return text_backbone(spec) if isinstance(conditioning, TextConditioning) else spec
+    spec = text_backbone(spec) if isinstance(conditioning, TextConditioning) else spec
+    return interval_backbone(spec) if cfg.loss.name == MEANFLOW else spec
 
 
 def pixel_shape(cfg: Config) -> Shape:
@@ -132,6 +157,8 @@ def check_model_config(cfg: Config, autoencoder: Autoencoder | None = None) -> N
         spec = text_backbone(spec)
         if cfg.model.text_encoder != LEARNED:
             encoder_architecture(cfg.model.text_encoder)
+    if cfg.loss.name == MEANFLOW:
+        spec = interval_backbone(spec)
     spec.check(cfg, ae.latent_shape(pixel_shape(cfg)))
 
 

@@ -43,14 +43,16 @@ def check_unet(cfg: Config, shape: Shape) -> None:
         )
 
 
-def build_unet(cfg: Config, shape: Shape, conditioning: Conditioning) -> UNet2DModel:
-    """A UNet2DModel for samples of ``shape``; one extra class row is the null label."""
+def build_unet(cfg: Config, shape: Shape, conditioning: Conditioning,
+               cls: type[UNet2DModel] = UNet2DModel) -> UNet2DModel:  # fmt: skip
+    """A UNet2DModel (or its subclass ``cls``) for samples of ``shape``; one extra class row is
+    the null label."""
     u = cfg.model.unet
     n = len(u.block_out_channels)
     attn = set(u.attention_levels)
     down = tuple("AttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(n))
     up = tuple("AttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(n)))
-    return UNet2DModel(
+    return cls(
         sample_size=shape[1],
         in_channels=shape[0],
         out_channels=shape[0],
@@ -71,5 +73,5 @@ def call_unet(unet: UNet2DModel, x: Tensor, t: Tensor, cond: Tensor | None) -> T
 
 UNET = register_backbone(
     BackboneSpec("unet", UNet2DModel, build=build_unet, call=call_unet, check=check_unet,
-                 text_variant="unet-text")  # fmt: skip
+                 text_variant="unet-text", interval_variant="unet-meanflow")  # fmt: skip
 )

@@ -63,9 +63,10 @@ def check_compiled_gradients(
     def gap(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
-    def fp32(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def fp32(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+             r: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         # the class's forward: prepare() patches autocast into the instance's under bf16/fp16
-        return FlowModel.forward(model, x, t, y)
+        return FlowModel.forward(model, x, t, y, r)
 
     fp32.prediction_type = model.prediction_type  # type: ignore[attr-defined]
 

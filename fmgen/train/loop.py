@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from fmgen.base import FmgenError
 from fmgen.config import Config, ConfigError, make_path, sampling_spec, to_dict, to_yaml
-from fmgen.core.losses import get_loss, sample_time
+from fmgen.core.losses import MEANFLOW, get_loss, sample_time
+from fmgen.core.meanflow import meanflow_loss, sample_interval_times
 from fmgen.data import check_data_config, open_train_data
 from fmgen.eval import REPORTS, check_eval_config, fid_of_model, generate, save_grid
 from fmgen.models import (
@@ -43,6 +44,7 @@ from fmgen.models import (
     count_parameters,
     export_model,
 )
+from fmgen.models.average import forward_ad_ready
 from fmgen.models.flow import load_frozen_encoder
 from fmgen.models.store import checkpoint_name, find_checkpoint, step_folders
 from fmgen.models.text import LEARNED
@@ -137,21 +139,54 @@ def draw_noise(
     global_batch: int,
     shape: tuple[int, ...],
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """t (G,), eps (G, C, H, W), condition-drop mask (G,) for the global micro-batch G."""
-    t = sample_time(
-        global_batch,
-        cfg.loss.time_sampling,
-        generator=gen,
-        device=device,
-        t_min=cfg.loss.t_min,
-        t_max=1 - cfg.loss.t_min,
-        loc=cfg.loss.loc,
-        scale=cfg.loss.scale,
-    )
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """t (G,), eps (G, C, H, W), condition-drop mask (G,) and, for MeanFlow, the interval ends
+    r (G,) (else None) for the global micro-batch G."""
+    times = dict(generator=gen, device=device, t_min=cfg.loss.t_min, t_max=1 - cfg.loss.t_min,
+                 kind=cfg.loss.time_sampling, loc=cfg.loss.loc, scale=cfg.loss.scale)  # fmt: skip
+    r = None
+    if cfg.loss.name == MEANFLOW:
+        t, r = sample_interval_times(global_batch, equal_share=cfg.loss.meanflow_equal_share, **times)
+    else:
+        t = sample_time(global_batch, times.pop("kind"), **times)
     eps = torch.randn((global_batch, *shape), generator=gen, device=device)
     drop = conditioning.dropout_mask(gen, global_batch, device)
-    return t, eps, drop
+    return t, eps, drop, r
+
+
+def meanflow_options(cfg: Config, model: FlowModel) -> dict[str, Any]:
+    """The arguments of ``meanflow_loss`` that stay fixed: the config's weights and guidance,
+    and the target's network: ``model`` itself (no DDP: the jvp and the guidance terms are
+    stop-gradient, so they neither sync gradients nor keep graphs), in float32 and ready for
+    forward-mode AD (``forward_ad_ready``)."""
+    lc = cfg.loss
+    if not model.conditional and (lc.meanflow_guidance != 1 or lc.meanflow_kappa != 0):
+        raise ConfigError(
+            f"loss.meanflow_guidance={lc.meanflow_guidance} / loss.meanflow_kappa="
+            f"{lc.meanflow_kappa} fold classifier-free guidance into the target, but this model "
+            f"is unconditional; set loss.meanflow_guidance=1 loss.meanflow_kappa=0"
+        )
+
+    def target_net(x: torch.Tensor, t: torch.Tensor, y: Any, r: torch.Tensor) -> torch.Tensor:
+        with forward_ad_ready(model):
+            return model(x.float(), t.float(), y, r=r.float())
+
+    return {"target_net": target_net, "guidance": lc.meanflow_guidance, "kappa": lc.meanflow_kappa,
+            "power": lc.meanflow_power, "c": lc.meanflow_c}  # fmt: skip
+
+
+def _meanflow_check_loss(path: Any, conditioning: Conditioning, options: dict[str, Any]) -> Any:
+    """The compile check's loss for MeanFlow: every other row with an interval (r = (t + 1) / 2),
+    so the check covers the jvp's target as well as the r = t rows."""
+
+    def loss(m: Any, *, z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, y: Any) -> torch.Tensor:
+        n = len(t)
+        r = torch.where(torch.arange(n, device=t.device) % 2 == 0, t, (t + 1) / 2)
+        keep = torch.ones(n, dtype=torch.bool, device=t.device)
+        return meanflow_loss(m, z, path, t=t, r=r, eps=eps, y=y, keep=keep,
+                             null=conditioning.null(n, t.device), **options)  # fmt: skip
+
+    return loss
 
 
 def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
@@ -224,7 +259,8 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
 
     # --- model, EMA, optimizer ---
     path = make_path(cfg)
-    loss_fn = get_loss(cfg.loss.name)
+    meanflow = cfg.loss.name == MEANFLOW
+    loss_fn = meanflow_loss if meanflow else get_loss(cfg.loss.name)
     loss_kwargs = {"weighting": cfg.loss.weighting} if cfg.loss.name == "dsm" else {}
     # a frozen text encoder: on the device when it encodes every batch, else on the CPU (its
     # null caption, the export's copy); never a parameter of the model
@@ -236,6 +272,8 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
         check_text_embeddings(data.text_info, conditioning.encoder, cfg.text.max_length,
                               str(cfg.data.path))  # fmt: skip
     model = build_model(cfg, conditioning, autoencoder).to(device)
+    if meanflow:
+        loss_kwargs = meanflow_options(cfg, model)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMAModel(model.parameters(), decay=ema_decay(cfg), use_ema_warmup=False, min_decay=0.0)
@@ -298,10 +336,9 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
 
     sample_shape = model.sample_shape
     if cfg.train.compile and cfg.train.compile_check:
-        check_compiled_gradients(
-            cfg, accelerator, model, net, lambda m, **kw: loss_fn(m, path=path, **kw, **loss_kwargs),
-            (per_proc, *sample_shape),
-        )  # fmt: skip
+        check_loss = (_meanflow_check_loss(path, conditioning, loss_kwargs) if meanflow
+                      else lambda m, **kw: loss_fn(m, path=path, **kw, **loss_kwargs))  # fmt: skip
+        check_compiled_gradients(cfg, accelerator, model, net, check_loss, (per_proc, *sample_shape))
 
     stop = _StopFlag()
     old_handlers = stop.install()
@@ -329,11 +366,13 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                     y = extra[-1] if precomputed else conditioning.encode(extra[0], warn=not warned)
                     warned, first_captions = True, first_captions or list(extra[0])
                 z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                t, eps, drop = draw_noise(
+                t, eps, drop, r = draw_noise(
                     gen, cfg, conditioning, micro_global, sample_shape, device
                 )
                 mine = slice(rank * per_proc, (rank + 1) * per_proc)
                 y_in = conditioning.for_training(y, drop[mine])
+                if meanflow:  # the interval ends; the rows whose condition guidance may use
+                    loss_kwargs |= {"r": r[mine], "keep": ~drop[mine], "null": conditioning.null(per_proc, device)}
                 if cfg.train.channels_last:
                     z = z.contiguous(memory_format=torch.channels_last)
                 with accelerator.autocast():
