@@ -15,9 +15,18 @@ Each (recipe, seed) trains once with ``train.seed`` = seed, keeping a checkpoint
 - with --feature-network (any data set): FD and precision/recall of guided and unconditional
   samples against the data's reference statistics in that network's features.
 
+Every checkpoint is scored with each --sampling (SAMPLER,GRID,STEPS) that applies to it: a
+MeanFlow model (``loss.name=meanflow``) with ``meanflow,uniform,1`` and ``meanflow,uniform,2`` (1
+and 2 network calls a sample) beside the other recipes' ODE solver; ``meanflow`` is skipped for
+models of the instantaneous velocity. Guidance is each recipe's ``sample.guidance``.
+
+    python bench/recipe.py --recipe default= --recipe meanflow="loss.name=meanflow loss.loc=0.4 \
+        loss.meanflow_guidance=2 sample.guidance=1 train.total_images=112640" \
+        --sampling heun,uniform,20 meanflow,uniform,1 meanflow,uniform,2 --eval-every 28160
+
 Writes recipe.json (every number, per seed), recipe.md (mean +- std over seeds at each images
-seen) and recipe.png (FD and accuracy against images seen) into --out. Runs --jobs trainings at
-once (each with one torch thread).
+seen, a row per recipe and sampling) and recipe.png (FD and accuracy against images seen) into
+--out. Runs --jobs trainings at once (each with one torch thread).
 """
 
 from __future__ import annotations
@@ -60,22 +69,35 @@ def train_command(args: argparse.Namespace, overrides: list[str], seed: int, run
             "train.sample_every_images=0", f"data.path={args.data}", "train.cpu_threads=1"]  # fmt: skip
 
 
-def score_checkpoint(ckpt: Path, args: argparse.Namespace, report: str) -> dict:
-    """The numbers of one checkpoint's EMA weights (see the module docstring)."""
+def score_checkpoint(ckpt: Path, args: argparse.Namespace, report: str) -> list[dict]:
+    """The numbers of one checkpoint's EMA weights (see the module docstring), one row per
+    --sampling that applies to the model."""
+    from fmgen.models import load_model
+
+    loaded = load_model(ckpt, weights="ema")
+    images = json.loads((ckpt / "fmgen_state.json").read_text())["images"]
+    rows = []
+    for sampling in args.sampling:
+        sampler, grid, steps = sampling.split(",")
+        if sampler == "meanflow" and not loaded.model.average:
+            continue  # a model of the instantaneous velocity: no average to step with
+        cfg = loaded.config
+        # every recipe is scored with the same solvers, whatever its config samples with
+        cfg.sample.sampler, cfg.sample.time_grid, cfg.sample.steps = sampler, grid, int(steps)
+        rows.append({"images": images, "sampling": sampling, **_scores(loaded, args, report)})
+    return rows
+
+
+def _scores(loaded, args: argparse.Namespace, report: str) -> dict:
     import torch
 
     from fmgen.config import sampling_spec
     from fmgen.eval import feature_spec, generate, run_report, score_against_reference
-    from fmgen.models import load_model
 
-    loaded = load_model(ckpt, weights="ema")
     cfg, model = loaded.config, loaded.model
     cfg.eval.report_samples = args.num_samples
-    # every recipe is scored with the same solver, whatever its config samples with
-    cfg.sample.sampler, cfg.sample.time_grid, steps = args.sampling.split(",")
-    cfg.sample.steps = int(steps)
     cfg.train.run_dir = args.out  # the judge is trained once and cached for every run
-    out: dict = {"images": json.loads((ckpt / "fmgen_state.json").read_text())["images"]}
+    out: dict = {"nfe": sampling_spec(cfg).nfe}
     if report and not args.feature_network:
         q = run_report(report, model, loaded.path, cfg, autoencoder=loaded.autoencoder)
         guided = "guided" if report == "digits" else "held_out_prompts"
@@ -133,16 +155,24 @@ def run_one(args: argparse.Namespace, name: str, overrides: list[str], seed: int
         row.update(recipe=name, seed=seed, train_s=round(train_s, 1))
     result.write_text(json.dumps(rows, indent=1))
     print(f"{name} seed {seed}: " + "; ".join(
-        f"{r['images']}: acc {r.get('accuracy')} FD {r.get('fd_uncond'):.1f}" for r in rows), flush=True)  # fmt: skip
+        f"{r['images']} {r['sampling']}: acc {r.get('accuracy')} FD {r.get('fd_uncond'):.1f}"
+        for r in rows), flush=True)  # fmt: skip
     return rows
 
 
+def lines(rows: list[dict], recipes: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """The (recipe, sampling) pairs that have rows, recipes in their order."""
+    return [(name, s) for name in recipes
+            for s in dict.fromkeys(r.get("sampling", "") for r in rows if r["recipe"] == name)]  # fmt: skip
+
+
 def summarize(rows: list[dict], recipes: dict[str, list[str]]) -> list[str]:
-    md = ["| recipe | images | " + " | ".join(METRICS) + " |",
-          "| --- | --- |" + " --- |" * len(METRICS)]  # fmt: skip
-    for name in recipes:
-        for images in sorted({r["images"] for r in rows if r["recipe"] == name}):
-            at = [r for r in rows if r["recipe"] == name and r["images"] == images]
+    md = ["| recipe | sampling (NFE) | images | " + " | ".join(METRICS) + " |",
+          "| --- | --- | --- |" + " --- |" * len(METRICS)]  # fmt: skip
+    for name, sampling in lines(rows, recipes):
+        mine = [r for r in rows if r["recipe"] == name and r.get("sampling", "") == sampling]
+        for images in sorted({r["images"] for r in mine}):
+            at = [r for r in mine if r["images"] == images]
             cells = []
             for m in METRICS:
                 vals = [r[m] for r in at if r.get(m) is not None]
@@ -152,7 +182,8 @@ def summarize(rows: list[dict], recipes: dict[str, list[str]]) -> list[str]:
                 sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
                 digits = 3 if m in ("accuracy", "precision", "recall", "max_class") else 1
                 cells.append(f"{statistics.mean(vals):.{digits}f} +- {sd:.{digits}f}")
-            md.append(f"| {name} | {images} | " + " | ".join(cells) + " |")
+            nfe = at[0].get("nfe", "?")
+            md.append(f"| {name} | {sampling} ({nfe}) | {images} | " + " | ".join(cells) + " |")
     return md
 
 
@@ -165,13 +196,14 @@ def plot(rows: list[dict], recipes: dict[str, list[str]], out: Path) -> None:
     panels = [m for m in ("fd_uncond", "fd_guided", "accuracy") if any(r.get(m) is not None for r in rows)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, m in zip(axes if len(panels) > 1 else [axes], panels, strict=True):
-        for name in recipes:
-            pts = sorted({r["images"] for r in rows if r["recipe"] == name})
-            means = [statistics.mean([r[m] for r in rows if r["recipe"] == name and r["images"] == i
-                                      and r.get(m) is not None]) for i in pts]  # fmt: skip
-            ax.plot(pts, means, marker="o", label=name)
-            for seed_rows in ({r["seed"] for r in rows if r["recipe"] == name}):
-                s = sorted((r["images"], r[m]) for r in rows if r["recipe"] == name and r["seed"] == seed_rows)
+        for name, sampling in lines(rows, recipes):
+            mine = [r for r in rows if r["recipe"] == name and r.get("sampling", "") == sampling
+                    and r.get(m) is not None]  # fmt: skip
+            pts = sorted({r["images"] for r in mine})
+            means = [statistics.mean([r[m] for r in mine if r["images"] == i]) for i in pts]
+            ax.plot(pts, means, marker="o", label=f"{name} {sampling}")
+            for seed in {r["seed"] for r in mine}:
+                s = sorted((r["images"], r[m]) for r in mine if r["seed"] == seed)
                 ax.plot(*zip(*s, strict=True), alpha=0.25, color=ax.lines[-1].get_color())
         ax.set_xlabel("images seen")
         ax.set_ylabel(m)
@@ -188,8 +220,9 @@ def main() -> None:
     p.add_argument("--total-images", type=int, default=56320)
     p.add_argument("--eval-every", type=int, default=28160)
     p.add_argument("--num-samples", type=int, default=500)
-    p.add_argument("--sampling", default="heun,uniform,20",
-                   help="SAMPLER,GRID,STEPS of every score (the README's figures: heun,uniform,20)")
+    p.add_argument("--sampling", nargs="+", default=["heun,uniform,20"], metavar="SAMPLER,GRID,STEPS",
+                   help="the solvers of every score, each where it applies (meanflow: MeanFlow models "
+                        "only); the README's figures: heun,uniform,20")
     p.add_argument("--feature-network", default="", help="score with this network instead of the report")
     p.add_argument("--feature-network-path", default="")
     p.add_argument("--data", default=str(ROOT / "data" / "digits-16"), help="the data.path of every run")
@@ -203,9 +236,13 @@ def main() -> None:
 
         run = Path(args.score)
         report = load_config(args.config).eval.report
-        rows = [score_checkpoint(c, args, report) for c in step_folders(run / "checkpoints")]
+        rows = [row for c in step_folders(run / "checkpoints") for row in score_checkpoint(c, args, report)]
         (run / "scores.json").write_text(json.dumps(rows, indent=1))
         return
+    for sampling in args.sampling:
+        parts = sampling.split(",")
+        if len(parts) != 3 or not parts[2].isdigit():
+            p.error(f"--sampling {sampling!r}: expected SAMPLER,GRID,STEPS, e.g. meanflow,uniform,1")
     if args.eval_every <= 0 or args.total_images % args.eval_every:
         p.error(f"--eval-every {args.eval_every} must divide --total-images {args.total_images}")
     recipes = dict(map(parse_recipe, args.recipe)) if args.recipe else {

@@ -219,7 +219,7 @@ def test_meanflow_trains_resumes_exactly_exports_and_samples_in_one_and_two_step
                            capture_output=True, text=True, timeout=300)  # fmt: skip
         assert r.returncode == 0, r.stderr
         assert (out / "grid.png").is_file()
-    from fmgen import FlowPipeline
+    from fmgen.pipeline import FlowPipeline
 
     pipe = FlowPipeline.from_pretrained(second.export_dir)
     images = pipe(class_labels=[0, 1], sampler="meanflow", num_inference_steps=1, seed=3,
@@ -294,3 +294,28 @@ def test_nfe_of_meanflow_sampling_is_its_steps():
         assert SamplingSpec("meanflow", steps, final_step="solver").nfe == steps
     assert json.loads(json.dumps(SamplingSpec("meanflow", 2).to_dict()))["nfe"] == 2
     assert BATCH == 16  # the tiny runs above count on it
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory):
+    from fmgen.data import prepare
+
+    out = tmp_path_factory.mktemp("digits8-text")
+    prepare("digits", out, resolution=8, channels=1, caption_templates="digits")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["unet-text", "dit-unconditional"])
+def test_text_and_unconditional_models_train_with_meanflow(kind, shards, captioned, tmp_path):
+    """Text guidance folded into the target (the null caption's rows), and an unconditional DiT;
+    two steps each, then 1-NFE samples from the export."""
+    data = captioned if "text" in kind else shards
+    guided = ["loss.meanflow_guidance=2", "data.caption_templates=digits"] if "text" in kind else []
+    res = train_tiny(data, tmp_path / kind, 2, *MEANFLOW, *KINDS[kind], *guided,
+                     "loss.meanflow_equal_share=0.5", "sample.sampler=meanflow", "sample.steps=1",
+                     "sample.guidance=1")  # fmt: skip
+    loaded = load_model(res.export_dir)
+    assert loaded.model.average and loaded.model.spec.name == SPECS[kind]
+    cond = conditions(loaded.model, 2)
+    images = generate(loaded.model, loaded.path, sampling_spec(loaded.config), num=2, cond=cond, seed=0)
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()

@@ -169,7 +169,9 @@ def meanflow_options(cfg: Config, model: FlowModel) -> dict[str, Any]:
 
     def target_net(x: torch.Tensor, t: torch.Tensor, y: Any, r: torch.Tensor) -> torch.Tensor:
         with forward_ad_ready(model):
-            return model(x.float(), t.float(), y, r=r.float())
+            # the class's forward: Accelerate's prepare() wraps the instance's in autocast under
+            # bf16/fp16, which forward_ad_ready must keep off
+            return FlowModel.forward(model, x.float(), t.float(), y, r.float())
 
     return {"target_net": target_net, "guidance": lc.meanflow_guidance, "kappa": lc.meanflow_kappa,
             "power": lc.meanflow_power, "c": lc.meanflow_c}  # fmt: skip
