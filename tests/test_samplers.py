@@ -40,6 +40,8 @@ def noise(n: int, dim: int = 2, seed: int = 0) -> torch.Tensor:
 
 
 def run(name: str, field, x, ts, path=None, seed: int = 0, **kwargs):
+    if name == "meanflow":  # integrates an average field u(x, t, r): give it u = field(x, t)
+        return get_sampler(name)(lambda x, t, r: field(x, t), x, ts, path=path, **kwargs)
     if name == "sde":
         gen = torch.Generator().manual_seed(seed)
         sigma = beta_sigma(path, 1.0)

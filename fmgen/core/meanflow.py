@@ -23,6 +23,7 @@ Pure torch math: no I/O, no config objects, no distributed code.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -127,15 +128,21 @@ def _moving_rows(t: Tensor, r: Tensor) -> Tensor | None:
 
 
 def _take(y: Any, rows: Tensor) -> Any:
-    """The conditions of ``rows``: a tensor's rows, a mapping's tensors' rows, or None."""
+    """The conditions of ``rows``: of a tensor (B, ...), of the tensors in a mapping or a
+    dataclass (text conditions: tokens, mask, pooled), or None."""
     if y is None:
         return None
     if isinstance(y, Tensor):
         return y[rows]
     if isinstance(y, Mapping):
         return type(y)({k: _take(v, rows) for k, v in y.items()})
+    if dataclasses.is_dataclass(y) and not isinstance(y, type):
+        return dataclasses.replace(
+            y, **{f.name: _take(getattr(y, f.name), rows) for f in dataclasses.fields(y)}
+        )
     raise TypeError(
-        f"conditions y must be a tensor, a mapping of tensors or None; got {type(y).__name__}"
+        f"conditions y must be a tensor, a mapping or dataclass of tensors, or None; got "
+        f"{type(y).__name__}"
     )
 
 
@@ -189,7 +196,7 @@ def meanflow_loss(
             average velocity; DDP / compile wrappers are looked through).
         z: (B, ...) data; t, r: (B,) times with t <= r; eps: (B, ...) noise.
         y: (B, ...) conditions as the network sees them (the dropped rows already null), a
-            mapping of such tensors, or None.
+            mapping or dataclass of such tensors, or None.
         target_net: the same network unwrapped of DDP (default ``net``), called under no_grad
             for the jvp and the guidance terms, so they neither sync gradients nor keep graphs.
         null: (B, ...) null conditions; keep: (B,) bool, True where y is the real condition.
