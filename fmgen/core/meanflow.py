@@ -112,11 +112,12 @@ def meanflow_target(u: AverageField, x: Tensor, t: Tensor, r: Tensor, v: Tensor)
         (B, ...) detached target, of v's dtype promoted with x's.
     """
     target = v.detach().to(torch.promote_types(v.dtype, x.dtype)).clone()
+    x, t, r = x.detach(), t.detach(), r.detach()
     rows = _moving_rows(t, r)
     if rows is None:
-        return _jvp_target(u, x.detach(), t, r, target)
+        return _jvp_target(u, x, t, r, target)
     if rows.numel():
-        target[rows] = _jvp_target(u, x.detach()[rows], t[rows], r[rows], target[rows])
+        target[rows] = _jvp_target(u, x[rows], t[rows], r[rows], target[rows])
     return target
 
 
