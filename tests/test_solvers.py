@@ -867,3 +867,33 @@ def test_nfe_sweep_markdown_is_a_readme_table_with_the_pick():
     assert "| dpm++2m / edm / t 0.25-0.8 | 60.0 | - |" in md
     assert not any(line.startswith("(n)") for line in md)  # every run spent its budget
     assert md[-1].startswith("pick at NFE <= 10: dpm++2m / edm / t 0.25-0.8 (10 steps, NFE 10)")
+
+
+def test_dpmpp_3m_runs_as_2m_under_guidance_unless_told_otherwise():
+    """lower_order_guided (default on): with guidance > 1 (3M) takes (2M)'s steps, Lu et al.'s
+    advice for guided sampling; at guidance 1, or with the rule off, its third order acts (20
+    steps: lower_order_few_steps does not). The record and the caption say which solver ran."""
+    path = get_path("linear")
+    cond, uncond = (velocity_field(lambda x, t, o=Oracle(d, path): o.predict(x, t, "velocity"),
+                                   path, "velocity") for d in (DATA[:2], DATA))  # fmt: skip
+    x0 = noise(8, seed=3)
+
+    # a grid that stops at t = 0.8: at t = 1 the oracle's samples snap onto its data points
+    times = tuple(torch.linspace(0, 0.8, 21, dtype=F64).tolist())
+
+    def run(sampler: str, guidance: float, **kw) -> torch.Tensor:
+        spec = SamplingSpec(sampler, 20, guidance, grid="list", times=times, **kw)
+        return solve(spec, cfg_field(cond, uncond, guidance), x0, path=path)
+
+    assert torch.equal(run("dpm++3m", 2.0), run("dpm++2m", 2.0))
+    assert not torch.equal(run("dpm++3m", 1.0), run("dpm++2m", 1.0))
+    assert not torch.equal(run("dpm++3m", 2.0, lower_order_guided=False), run("dpm++2m", 2.0))
+    spec = SamplingSpec("dpm++3m", 20, 2.0)
+    assert spec.solver == "dpm++2m" and "as dpm++2m under guidance" in spec.describe()
+    assert SamplingSpec("dpm++3m", 20, 1.0).solver == "dpm++3m"
+    assert SamplingSpec("dpm++3m", 20, 2.0, lower_order_guided=False).solver == "dpm++3m"
+    assert spec.to_dict()["lower_order_guided"] is True
+    from fmgen.config import load_config, sampling_spec
+
+    cfg = load_config(ROOT / "configs" / "digits.yaml", ["sample.lower_order_guided=false"])
+    assert sampling_spec(cfg).lower_order_guided is False
