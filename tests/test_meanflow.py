@@ -319,3 +319,19 @@ def test_text_and_unconditional_models_train_with_meanflow(kind, shards, caption
     cond = conditions(loaded.model, 2)
     images = generate(loaded.model, loaded.path, sampling_spec(loaded.config), num=2, cond=cond, seed=0)
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+
+
+def test_the_training_noise_uses_loss_mode_scale(tmp_path):
+    """loss.mode_scale reaches the training times (it did not before 2026-12-06): SD3's mode
+    sampling at scale 0 is uniform, draw for draw, and at 1.29 it is not."""
+    from fmgen.models import ClassLabels
+    from fmgen.train.loop import draw_noise
+
+    def times(*over: str) -> torch.Tensor:
+        cfg = load_config(DIGITS, [*TINY, f"train.run_dir={tmp_path}", *over])
+        gen = torch.Generator().manual_seed(0)
+        return draw_noise(gen, cfg, ClassLabels(10, 0.1), 64, (1, 8, 8), torch.device("cpu"))[0]
+
+    uniform = times("loss.time_sampling=uniform")
+    assert torch.equal(times("loss.time_sampling=mode", "loss.mode_scale=0"), uniform)
+    assert not torch.allclose(times("loss.time_sampling=mode", "loss.mode_scale=1.29"), uniform)

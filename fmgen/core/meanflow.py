@@ -52,6 +52,7 @@ def sample_interval_times(
     kind: str = "logit-normal",
     loc: float = 0.4,
     scale: float = 1.0,
+    mode_scale: float = 1.29,
     equal_share: float = 0.75,
     t_min: float = 1e-5,
     t_max: float = 1 - 1e-5,
@@ -61,8 +62,8 @@ def sample_interval_times(
 ) -> tuple[Tensor, Tensor]:
     """Training intervals (t, r), each of shape (B,), t <= r, both in [t_min, t_max].
 
-    Each row takes two draws of ``fmgen.core.losses.sample_time(kind, loc, scale, t_min,
-    t_max)``, sorted (t the smaller), and then a share ``equal_share`` of the rows gets r = t
+    Each row takes two draws of ``fmgen.core.losses.sample_time(kind, loc, scale, mode_scale,
+    t_min, t_max)``, sorted (t the smaller), and then a share ``equal_share`` of the rows gets r = t
     (plain flow matching: u(x, t, t) = v). The paper's best (its Table 1) is logit-normal(-0.4,
     1) in ITS time (1 = noise), which is loc = +0.4 here (logit(1 - s) = -logit(s)), with 25%
     of the rows r != t.
@@ -76,8 +77,8 @@ def sample_interval_times(
     """
     if not 0.0 <= equal_share <= 1.0:
         raise ValueError(f"equal_share must lie in [0, 1]; got {equal_share}")
-    draw = dict(kind=kind, loc=loc, scale=scale, t_min=t_min, t_max=t_max, generator=generator,
-                device=device, dtype=dtype)  # fmt: skip
+    draw = dict(kind=kind, loc=loc, scale=scale, mode_scale=mode_scale, t_min=t_min, t_max=t_max,
+                generator=generator, device=device, dtype=dtype)  # fmt: skip
     first = sample_time(batch_size, **draw)  # (B,)
     second = sample_time(batch_size, **draw)  # (B,)
     equal = torch.rand(batch_size, generator=generator, device=device, dtype=first.dtype)

@@ -143,7 +143,8 @@ def draw_noise(
     """t (G,), eps (G, C, H, W), condition-drop mask (G,) and, for MeanFlow, the interval ends
     r (G,) (else None) for the global micro-batch G."""
     times = dict(generator=gen, device=device, t_min=cfg.loss.t_min, t_max=1 - cfg.loss.t_min,
-                 kind=cfg.loss.time_sampling, loc=cfg.loss.loc, scale=cfg.loss.scale)  # fmt: skip
+                 kind=cfg.loss.time_sampling, loc=cfg.loss.loc, scale=cfg.loss.scale,
+                 mode_scale=cfg.loss.mode_scale)  # fmt: skip
     r = None
     if cfg.loss.name == MEANFLOW:
         t, r = sample_interval_times(global_batch, equal_share=cfg.loss.meanflow_equal_share, **times)
