@@ -874,8 +874,7 @@ def test_dpmpp_3m_runs_as_2m_under_guidance_unless_told_otherwise():
     advice for guided sampling; at guidance 1, or with the rule off, its third order acts (20
     steps: lower_order_few_steps does not). The record and the caption say which solver ran."""
     path = get_path("linear")
-    cond, uncond = (velocity_field(lambda x, t, o=Oracle(d, path): o.predict(x, t, "velocity"),
-                                   path, "velocity") for d in (DATA[:2], DATA))  # fmt: skip
+    cond, uncond = (Oracle(d, path).velocity for d in (DATA[:2], DATA))
     x0 = noise(8, seed=3)
 
     # a grid that stops at t = 0.8: at t = 1 the oracle's samples snap onto its data points
