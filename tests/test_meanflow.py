@@ -167,11 +167,15 @@ def test_a_velocity_model_refuses_r_and_the_meanflow_sampler(tmp_path):
 def test_bad_meanflow_options_are_one_line_errors(extra, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         load_config(DIGITS, [*TINY, *MEANFLOW, f"train.run_dir={tmp_path}", *extra])
+
+
+def test_a_bad_meanflow_option_exits_2_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(DIGITS), *TINY,
-                        *MEANFLOW, f"train.run_dir={tmp_path}", *extra, "--dry-run"],
-                       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+                        *MEANFLOW, f"train.run_dir={tmp_path}", "model.prediction_type=eps",
+                        "--dry-run"], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert message.replace("\\", "") in r.stderr
+    assert "set model.prediction_type=velocity" in r.stderr
 
 
 def test_folded_guidance_needs_a_conditional_model(shards, tmp_path):
@@ -183,14 +187,16 @@ def test_folded_guidance_needs_a_conditional_model(shards, tmp_path):
 GUIDED = [*MEANFLOW, "loss.meanflow_guidance=2", "loss.meanflow_kappa=0.2",
           "loss.meanflow_equal_share=0.5", "train.deterministic=true",
           "sample.sampler=meanflow", "sample.steps=2", "sample.guidance=1"]  # fmt: skip
+BF16 = "train.mixed_precision=bf16"
 
 
 @pytest.mark.slow
 def test_meanflow_trains_resumes_exactly_exports_and_samples_in_one_and_two_steps(shards, tmp_path):
-    full = train_tiny(shards, tmp_path / "full", 4, *GUIDED)
+    """In bf16: the graded forward under autocast, the target's jvp in float32 beside it."""
+    full = train_tiny(shards, tmp_path / "full", 4, *GUIDED, BF16)
     half = tmp_path / "half"
-    train_tiny(shards, half, 2, *GUIDED)
-    second = train_tiny(shards, half, 4, *GUIDED, resume="auto")
+    train_tiny(shards, half, 2, *GUIDED, BF16)
+    second = train_tiny(shards, half, 4, *GUIDED, BF16, resume="auto")
     (w_full, e_full), (w_res, e_res) = weights(latest(full.run_dir)), weights(latest(half))
     assert any("interval" in k for k in w_full)
     for k in w_full:
@@ -233,28 +239,24 @@ def env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_rank_and_bf16_trains(shards, tmp_path):
+def test_two_ranks_match_one_rank(shards, tmp_path):
     """MeanFlow's jvp runs on the unwrapped model beside DDP's forward: 2 gloo ranks train what 1
-    rank trains (tolerance as in test_train.test_two_ranks_match_one_rank), and in bf16 too."""
+    rank trains (tolerance as in test_train.test_two_ranks_match_one_rank)."""
     common = [*tiny(shards, tmp_path / "x", 4), *GUIDED, "data.in_memory=true", "optim.eps=1e-4",
               "train.deterministic=false"]  # fmt: skip
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    runs = {"one": [sys.executable], "two": torchrun, "bf16": torchrun}
-    for name, launcher in runs.items():
-        extra = ["train.mixed_precision=bf16"] if name == "bf16" else []
-        port = ["--master_port", str(free_port())] if len(launcher) > 1 else []
-        r = subprocess.run([*launcher, *port, str(ROOT / "train.py"), "--config", str(DIGITS), *common,
-                            *extra, f"train.run_dir={tmp_path / name}"],
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port())]  # fmt: skip
+    for name, launcher in {"one": [sys.executable], "two": torchrun}.items():
+        r = subprocess.run([*launcher, str(ROOT / "train.py"), "--config", str(DIGITS), *common,
+                            f"train.run_dir={tmp_path / name}"],
                            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)  # fmt: skip
         assert r.returncode == 0, r.stdout + r.stderr
-    (w1, e1), (w2, e2), (wb, _) = (weights(latest(tmp_path / n)) for n in runs)
+    (w1, e1), (w2, e2) = weights(latest(tmp_path / "one")), weights(latest(tmp_path / "two"))
     tol = 1e-4
     moved = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert moved < tol, f"1 vs 2 ranks differ by {moved:.2e}"
     for a, b in zip(e1, e2, strict=True):
         assert (a - b).abs().max().item() < tol
-    gap = max((w1[k] - wb[k]).abs().max().item() for k in w1)
-    assert all(torch.isfinite(w).all() for w in wb.values()) and 0 < gap < 0.05
 
 
 def test_the_compile_check_covers_the_meanflow_loss(shards, tmp_path, monkeypatch, caplog):
