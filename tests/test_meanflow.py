@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 from conftest import BATCH, DIGITS, ROOT, TINY, free_port, subprocess_env, tiny, train_tiny
-from test_train import latest, weights
+from test_train import assert_ranks_agree, latest, weights
 
 from fmgen.config import ConfigError, load_config, make_path, sampling_spec
 from fmgen.core import SamplingSpec
@@ -251,12 +251,7 @@ def test_two_ranks_match_one_rank(shards, tmp_path):
                             f"train.run_dir={tmp_path / name}"],
                            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)  # fmt: skip
         assert r.returncode == 0, r.stdout + r.stderr
-    (w1, e1), (w2, e2) = weights(latest(tmp_path / "one")), weights(latest(tmp_path / "two"))
-    tol = 1e-4
-    moved = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert moved < tol, f"1 vs 2 ranks differ by {moved:.2e}"
-    for a, b in zip(e1, e2, strict=True):
-        assert (a - b).abs().max().item() < tol
+    assert_ranks_agree(tmp_path / "one", tmp_path / "two")
 
 
 def test_the_compile_check_covers_the_meanflow_loss(shards, tmp_path, monkeypatch, caplog):

@@ -225,6 +225,22 @@ def make():
 """
 
 
+def assert_ranks_agree(one: Path, two: Path) -> float:
+    """The latest weights and EMA of a 1-rank and a 2-rank run agree; returns the tolerance.
+
+    The all-reduce sums fp32 gradients in another order and Adam's normalisation amplifies that
+    to ~2e-5 after 4 steps; 1e-4 is 5% of one Adam update at lr 2e-3. A run that sees other
+    samples or other noise differs by ~5e-3 (seen when each rank held half the data), 50x the
+    tolerance."""
+    (w1, e1), (w2, e2) = weights(latest(one)), weights(latest(two))
+    tol = 1e-4
+    moved = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert moved < tol, f"1 vs 2 ranks differ by {moved:.2e}"
+    for a, b in zip(e1, e2, strict=True):
+        assert (a - b).abs().max().item() < tol
+    return tol
+
+
 @pytest.mark.slow
 def test_two_ranks_match_one_rank(shards, tmp_path):
     """2 gloo ranks == 1 rank with the same global batch and samples; only rank 0 writes. The
@@ -265,16 +281,7 @@ def test_two_ranks_match_one_rank(shards, tmp_path):
                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r2.returncode == 0, r2.stdout + r2.stderr
     assert "global batch 16 = 2 processes x 8 per process" in r2.stdout + r2.stderr
-    (w1, e1), (w2, e2) = weights(latest(tmp_path / "one")), weights(latest(tmp_path / "two"))
-    # Tolerance: the all-reduce sums fp32 gradients in another order and Adam's normalisation
-    # amplifies that to ~2e-5 after 4 steps; 1e-4 is 5% of one Adam update at lr 2e-3. A run
-    # that sees other samples or other noise differs by ~5e-3 (seen when each rank held half
-    # the data), 50x the tolerance.
-    tol = 1e-4
-    moved = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert moved < tol, f"1 vs 2 ranks differ by {moved:.2e}"
-    for a, b in zip(e1, e2, strict=True):
-        assert (a - b).abs().max().item() < tol
+    tol = assert_ranks_agree(tmp_path / "one", tmp_path / "two")
     h1, h2 = (load_file(latest(tmp_path / r) / "heads.safetensors") for r in ("one", "two"))
     assert h1.keys() == h2.keys() and {"logvar.linear.weight", "repa.mlp.0.weight"} <= h1.keys()
     assert max((h1[k] - h2[k]).abs().max().item() for k in h1) < tol
