@@ -38,8 +38,8 @@ _EVALS_PER_STEP = {
     "meanflow": 1,
 }
 # the evaluations of a "solver" step that ends at t = 1 (Heun: Euler; RK4: Heun's third order;
-# MeanFlow: its own one-evaluation step, which never evaluates at t = 1)
-_EVALS_LAST_SOLVER_STEP = {**_EVALS_PER_STEP, "heun": 1, "rk4": 3, "meanflow": 1}
+# the others, MeanFlow's one-evaluation step included, as any of their steps)
+_EVALS_LAST_SOLVER_STEP = {**_EVALS_PER_STEP, "heun": 1, "rk4": 3}
 
 
 @dataclass(frozen=True)

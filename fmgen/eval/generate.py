@@ -43,29 +43,29 @@ def model_field(
 
     A model of the average velocity (MeanFlow) gives u(x, t, r=None), the average over [t, r]
     (r = None: r = t, the velocity), so the ``meanflow`` sampler and every ODE solver take it."""
-    if model.average:
-        return _average_field(model, cond, guidance, negative, interval)
-    if cond is None or not model.conditional:
-        return velocity_field(lambda x, t: model(x, t, None), path, model.prediction_type)
-    # guidance is affine, and so are the conversions: guiding the raw prediction equals
-    # guiding the velocity it converts into
-    null = model.conditioning.null_like(cond) if negative is None else negative.to(cond)
-    guided = cfg_net(model, cond, null, guidance, interval=interval)
-    return velocity_field(guided, path, model.prediction_type)
-
-
-def _average_field(model: FlowModel, cond: Tensor | None, guidance: float, negative: Tensor | None,
-                   interval: tuple[float, float] | None) -> Field:  # fmt: skip
-    """u(x, t, r) of an average-velocity model (it predicts velocities: no conversion), guided
-    as ``model_field`` guides (a model trained with guidance in its target samples at 1)."""
     conditional = cond is not None and model.conditional
     null = None
     if conditional:
         null = model.conditioning.null_like(cond) if negative is None else negative.to(cond)
+    if model.average:
+        return _average_field(model, cond if conditional else None, null, guidance, interval)
+    if not conditional:
+        return velocity_field(lambda x, t: model(x, t, None), path, model.prediction_type)
+    # guidance is affine, and so are the conversions: guiding the raw prediction equals
+    # guiding the velocity it converts into
+    guided = cfg_net(model, cond, null, guidance, interval=interval)
+    return velocity_field(guided, path, model.prediction_type)
+
+
+def _average_field(model: FlowModel, cond: Tensor | None, null: Tensor | None, guidance: float,
+                   interval: tuple[float, float] | None) -> Field:  # fmt: skip
+    """u(x, t, r) of an average-velocity model (it predicts velocities: no conversion), guided
+    as ``model_field`` guides (a model trained with guidance in its target samples at 1);
+    ``cond`` None: unconditional."""
 
     def field(x: Tensor, t: Tensor, r: Tensor | None = None) -> Tensor:
         r = t if r is None else r
-        if not conditional:
+        if cond is None:
             return model(x, t, None, r=r)
 
         def net(xs: Tensor, ts: Tensor, cs: Tensor) -> Tensor:

@@ -155,11 +155,11 @@ def draw_noise(
     return t, eps, drop, r
 
 
-def meanflow_options(cfg: Config, model: FlowModel) -> dict[str, Any]:
-    """The arguments of ``meanflow_loss`` that stay fixed: the config's weights and guidance,
-    and the target's network: ``model`` itself (no DDP: the jvp and the guidance terms are
-    stop-gradient, so they neither sync gradients nor keep graphs), in float32 and ready for
-    forward-mode AD (``forward_ad_ready``)."""
+def meanflow_options(cfg: Config, model: FlowModel, per_proc: int, device: torch.device) -> dict[str, Any]:
+    """The arguments of ``meanflow_loss`` that stay fixed: the config's weights and guidance, the
+    null conditions of a micro-batch of ``per_proc`` rows, and the target's network: ``model``
+    itself (no DDP: the jvp and the guidance terms are stop-gradient, so they neither sync
+    gradients nor keep graphs), in float32 and ready for forward-mode AD (``forward_ad_ready``)."""
     lc = cfg.loss
     if not model.conditional and (lc.meanflow_guidance != 1 or lc.meanflow_kappa != 0):
         raise ConfigError(
@@ -175,10 +175,11 @@ def meanflow_options(cfg: Config, model: FlowModel) -> dict[str, Any]:
             return FlowModel.forward(model, x.float(), t.float(), y, r.float())
 
     return {"target_net": target_net, "guidance": lc.meanflow_guidance, "kappa": lc.meanflow_kappa,
-            "power": lc.meanflow_power, "c": lc.meanflow_c}  # fmt: skip
+            "power": lc.meanflow_power, "c": lc.meanflow_c,
+            "null": model.conditioning.null(per_proc, device)}  # fmt: skip
 
 
-def _meanflow_check_loss(path: Any, conditioning: Conditioning, options: dict[str, Any]) -> Any:
+def _meanflow_check_loss(path: Any, options: dict[str, Any]) -> Any:
     """The compile check's loss for MeanFlow: every other row with an interval (r = (t + 1) / 2),
     so the check covers the jvp's target as well as the r = t rows."""
 
@@ -186,8 +187,7 @@ def _meanflow_check_loss(path: Any, conditioning: Conditioning, options: dict[st
         n = len(t)
         r = torch.where(torch.arange(n, device=t.device) % 2 == 0, t, (t + 1) / 2)
         keep = torch.ones(n, dtype=torch.bool, device=t.device)
-        return meanflow_loss(m, z, path, t=t, r=r, eps=eps, y=y, keep=keep,
-                             null=conditioning.null(n, t.device), **options)  # fmt: skip
+        return meanflow_loss(m, z, path, t=t, r=r, eps=eps, y=y, keep=keep, **options)
 
     return loss
 
@@ -276,7 +276,7 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                               str(cfg.data.path))  # fmt: skip
     model = build_model(cfg, conditioning, autoencoder).to(device)
     if meanflow:
-        loss_kwargs = meanflow_options(cfg, model)
+        loss_kwargs = meanflow_options(cfg, model, per_proc, device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMAModel(model.parameters(), decay=ema_decay(cfg), use_ema_warmup=False, min_decay=0.0)
@@ -339,7 +339,7 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
 
     sample_shape = model.sample_shape
     if cfg.train.compile and cfg.train.compile_check:
-        check_loss = (_meanflow_check_loss(path, conditioning, loss_kwargs) if meanflow
+        check_loss = (_meanflow_check_loss(path, loss_kwargs) if meanflow
                       else lambda m, **kw: loss_fn(m, path=path, **kw, **loss_kwargs))  # fmt: skip
         check_compiled_gradients(cfg, accelerator, model, net, check_loss, (per_proc, *sample_shape))
 
@@ -375,7 +375,7 @@ def _train(cfg: Config, accelerator: Any, resume: str | None) -> TrainResult:
                 mine = slice(rank * per_proc, (rank + 1) * per_proc)
                 y_in = conditioning.for_training(y, drop[mine])
                 if meanflow:  # the interval ends; the rows whose condition guidance may use
-                    loss_kwargs |= {"r": r[mine], "keep": ~drop[mine], "null": conditioning.null(per_proc, device)}
+                    loss_kwargs |= {"r": r[mine], "keep": ~drop[mine]}
                 if cfg.train.channels_last:
                     z = z.contiguous(memory_format=torch.channels_last)
                 with accelerator.autocast():
