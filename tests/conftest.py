@@ -14,6 +14,7 @@ if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (_CORES or 1) // _WORKERS)))
 THREADS = int(os.environ.get("OMP_NUM_THREADS") or _CORES or 1)
 
+import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -52,6 +53,38 @@ def tiny(shards: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
 
 def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+
+
+def run_main(main, *args) -> subprocess.CompletedProcess:
+    """A command's ``main(argv)`` run in this process, reported as ``subprocess.run`` reports the
+    script: exit status, stdout, and stderr with the log lines the script would print there.
+
+    A subprocess pays the interpreter's start and the imports (~6 s with diffusers) before any
+    work; the suite has dozens of command runs. The scripts themselves (train.py, sample.py,
+    ``python -m fmgen.evaluate``, ...) are still run as processes by the tests of their wiring,
+    their exit status and what only a process shows (signals, torchrun, the lock of a run).
+    """
+    import contextlib
+    import io
+    import logging
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)  # the script's logging.basicConfig writes to stderr
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return subprocess.CompletedProcess([str(a) for a in args], code, out.getvalue(), err.getvalue())
 
 
 def free_port() -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BATCH, DIGITS, ROOT, subprocess_env, tiny, train_tiny
+from conftest import BATCH, DIGITS, ROOT, run_main, subprocess_env, tiny, train_tiny
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
@@ -191,10 +191,10 @@ def test_pickles_in_checkpoints_and_exports_are_never_loaded(shards, tmp_path):
     with pytest.raises(CheckpointError, match="older fmgen"):
         train_tiny(shards, tmp_path / "new", 3, resume=str(old))
 
+    from fmgen.cli.sample import main as sample
+
     for args in ([str(run)], [str(run), "--weights", "raw"], [str(old)]):
-        r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--checkpoint", *args, "--steps", "2",
-                            "--out", str(tmp_path / "g.png")], cwd=ROOT, env=subprocess_env(),
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        r = run_main(sample, "--checkpoint", *args, "--steps", "2", "--out", tmp_path / "g.png")
         assert r.returncode == 2, r.stdout + r.stderr
         assert "error:" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not marker.exists()

@@ -95,37 +95,45 @@ def test_rank_blocks_cover_every_index_once_at_any_process_count(num):
         ]
 
 
-def evaluate(run_dir, out, *, procs: int, sampler: str, num: int) -> dict:
+CASES = [(sampler, num) for sampler in ("heun", "sde") for num in (130, 131)]
+
+
+def evaluate(run_dir, folder, *, procs: int, cases: list[tuple[str, int]]) -> dict:
+    """``python -m fmgen.evaluate`` for each (sampler, num) of ``cases``, all in one launch of
+    ``procs`` processes (tests/cli_cases.py: one start-up for every case): {case: record}."""
     head = [sys.executable]
     if procs > 1:
         head += ["-m", "torch.distributed.run", "--nproc_per_node", str(procs),
                  "--master_port", str(free_port())]  # fmt: skip
-    r = subprocess.run([*head, "-m", "fmgen.evaluate", "--checkpoint", str(run_dir), "--num-samples",
-                        str(num), "--feature-network", "digits-classifier", "--sampler", sampler,
-                        "--steps", "2", "--device", "cpu", "--out", str(out)],
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {case: folder / f"{case[0]}-{case[1]}.json" for case in cases}
+    argv = [["--checkpoint", str(run_dir), "--num-samples", str(num), "--feature-network",
+             "digits-classifier", "--sampler", sampler, "--steps", "2", "--device", "cpu",
+             "--out", str(out[sampler, num])] for sampler, num in cases]  # fmt: skip
+    (folder / "cases.json").write_text(json.dumps(argv))
+    r = subprocess.run([*head, str(ROOT / "tests" / "cli_cases.py"), "fmgen.cli.evaluate",
+                        str(folder / "cases.json")],
                        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(out.read_text())
+    return {case: json.loads(path.read_text()) for case, path in out.items()}
 
 
 @pytest.fixture(scope="module")
 def one_process(tiny_run, tmp_path_factory):
-    """The 1-process record of (sampler, num), computed once for the module."""
-    done: dict[tuple[str, int], dict] = {}
+    """The 1-process records of every (sampler, num) of CASES, from one process."""
+    return evaluate(tiny_run.run_dir, tmp_path_factory.mktemp("one"), procs=1, cases=CASES)
 
-    def record(sampler: str, num: int) -> dict:
-        if (sampler, num) not in done:
-            out = tmp_path_factory.mktemp("one") / "fid.json"
-            done[sampler, num] = evaluate(tiny_run.run_dir, out, procs=1, sampler=sampler, num=num)
-        return done[sampler, num]
 
-    return record
+@pytest.fixture(scope="module")
+def three_processes(tiny_run, tmp_path_factory):
+    """The 3-process records of every (sampler, num) of CASES, from one torchrun launch."""
+    return evaluate(tiny_run.run_dir, tmp_path_factory.mktemp("three"), procs=3, cases=CASES)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler", ["heun", "sde"])
-@pytest.mark.parametrize("num", [130, 131])
-def test_three_processes_give_the_fid_of_one(tiny_run, one_process, tmp_path, sampler, num):
+@pytest.mark.xdist_group("distributed-eval")  # one worker computes the shared records, once
+@pytest.mark.parametrize(("sampler", "num"), CASES)
+def test_three_processes_give_the_fid_of_one(one_process, three_processes, sampler, num):
     """torchrun with 3 processes: shares of 45/45/40 (130) and 45/45/41 (131) samples, padded for
     the gather (gloo refuses unequal sizes) and trimmed: the same images and FID as 1 process.
 
@@ -136,8 +144,7 @@ def test_three_processes_give_the_fid_of_one(tiny_run, one_process, tmp_path, sa
     """
     shares = [sum(map(len, rank_blocks(num, rank, 3))) for rank in range(3)]
     assert len(set(shares)) > 1  # unequal shares: the case that failed in gloo
-    one = one_process(sampler, num)
-    three = evaluate(tiny_run.run_dir, tmp_path / "three.json", procs=3, sampler=sampler, num=num)
+    one, three = one_process[sampler, num], three_processes[sampler, num]
     print(f"{sampler}, {num} samples: FID 1 process {one['fid']!r}, 3 processes {three['fid']!r}")
     assert (one["processes"], three["processes"]) == (1, 3)
     assert one["num_generated"] == three["num_generated"] == num
@@ -148,10 +155,20 @@ def test_three_processes_give_the_fid_of_one(tiny_run, one_process, tmp_path, sa
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("distributed-eval")
 def test_two_processes_give_the_fid_of_one(tiny_run, one_process, tmp_path):
-    """2 processes, 131 SDE samples (shares 68/63): the images of one process."""
-    one = one_process("sde", 131)
-    two = evaluate(tiny_run.run_dir, tmp_path / "two.json", procs=2, sampler="sde", num=131)
+    """``torchrun -m fmgen.evaluate`` itself, 2 processes, 131 SDE samples (shares 68/63): the
+    images of one process."""
+    one, out = one_process["sde", 131], tmp_path / "two.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(free_port()), "-m", "fmgen.evaluate", "--checkpoint",
+                        str(tiny_run.run_dir), "--num-samples", "131", "--feature-network",
+                        "digits-classifier", "--sampler", "sde", "--steps", "2", "--device", "cpu",
+                        "--out", str(out)],
+                       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads(out.read_text())
     print(f"sde, 131 samples: FID 1 process {one['fid']!r}, 2 processes {two['fid']!r}")
+    assert two["processes"] == 2 and two["num_generated"] == 131
     assert one["images_sha256"] == two["images_sha256"]
     assert two["fid"] == pytest.approx(one["fid"], rel=1e-12, abs=0)

@@ -4,12 +4,10 @@ fmgen's null label and seeded dropout reach it; the presets build the sizes they
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env, tiny
+from conftest import ROOT, run_main, tiny
 from PIL import Image
 from test_train import latest, weights
 
@@ -52,10 +50,10 @@ def test_dit_resumes_exactly_exports_and_sample_py_writes_a_grid(conditional, sh
     loaded = load_model(second.export_dir)
     assert type(loaded.model.backbone) is DiT and loaded.model.conditional is conditional
     grid = tmp_path / "grid.png"
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--checkpoint",
-                        str(second.export_dir), "--per-class", "2", "--steps", "2", "--out",
-                        str(grid)], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                       text=True, timeout=300)  # fmt: skip
+    from fmgen.cli.sample import main as sample
+
+    r = run_main(sample, "--checkpoint", second.export_dir, "--per-class", 2, "--steps", 2, "--out",
+                 grid)  # fmt: skip
     assert r.returncode == 0, r.stderr
     cell = 8 * (64 // 8) + GRID_GAP  # 8x8 images upscaled x8 in the grid, cells apart
     height = Image.open(grid).height + GRID_GAP

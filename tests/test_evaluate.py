@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, run_main, subprocess_env
 from PIL import Image
 
 import fmgen.data
@@ -72,7 +72,9 @@ def test_inception_weights_path_reaches_torchmetrics(monkeypatch, tmp_path):
 
     weights = tmp_path / "pt_inception.pth"
     weights.write_bytes(b"not real weights")
-    monkeypatch.setattr(ev, "FrechetInceptionDistance", Recorder)
+    import torchmetrics.image.fid  # make_metric imports the metric from here when it makes one
+
+    monkeypatch.setattr(torchmetrics.image.fid, "FrechetInceptionDistance", Recorder)
     spec = feature_spec("inception", resolution=32, channels=3, inception_weights=str(weights))
     ev.make_metric(spec, str(weights))
     assert seen["feature_extractor_weights_path"] == str(weights)
@@ -240,9 +242,10 @@ def test_fid_refuses_images_of_another_shape_than_the_data(shards, spec, tmp_pat
 
 
 def test_evaluate_cli_refuses_too_few_and_no_samples(tiny_run):
-    r = subprocess.run([sys.executable, "-m", "fmgen.evaluate", "--checkpoint", str(tiny_run.run_dir),
-                        "--num-samples", "100", "--feature-network", "digits-classifier"],
-                       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    from fmgen.cli.evaluate import main as evaluate
+
+    r = run_main(evaluate, "--checkpoint", tiny_run.run_dir, "--num-samples", 100,
+                 "--feature-network", "digits-classifier")  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "100 generated samples" in r.stderr and "128-d" in r.stderr, r.stderr
     assert "--num-samples N with N > 128" in r.stderr, r.stderr

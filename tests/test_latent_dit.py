@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, subprocess_env, tiny_latent
+from conftest import ROOT, run_main, tiny_latent
 from diffusers import AutoencoderKL
 from PIL import Image
 from test_pipeline import LABELS, sample_py_euler
@@ -61,10 +59,10 @@ def test_latent_dit_resumes_exactly_exports_samples_pixels_and_scores_fid(
     assert type(loaded.model.backbone) is DiT and loaded.model.backbone.config.in_channels == 4
 
     grid, out = tmp_path / "grid.png", tmp_path / "pngs"
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--checkpoint",
-                        str(full.export_dir), "--per-class", "1", "--steps", "2", "--out",
-                        str(grid), "--out-dir", str(out)], cwd=ROOT, env=subprocess_env(),
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    from fmgen.cli.sample import main as sample
+
+    r = run_main(sample, "--checkpoint", full.export_dir, "--per-class", 1, "--steps", 2, "--out",
+                 grid, "--out-dir", out)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     pngs = sorted(out.glob("*.png"))
     # pixels at the data resolution, not the 8x8 latents; the grid: a row of 16x16 cells

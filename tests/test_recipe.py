@@ -5,13 +5,11 @@ training, exact resume and export."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env, train_tiny
+from conftest import ROOT, run_main, train_tiny
 from test_train import latest, weights
 
 from fmgen.config import Config, ConfigError, load_config, validate
@@ -177,10 +175,10 @@ def test_repa_and_uncertainty_heads_train_resume_exactly_and_stay_out_of_exports
     # exports hold the model alone and sample
     loaded = load_model(second.export_dir)
     assert not any("repa" in n or "logvar" in n for n, _ in loaded.model.named_parameters())
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--checkpoint",
-                        str(second.export_dir), "--per-class", "1", "--steps", "2", "--out",
-                        str(tmp_path / "g.png")], cwd=ROOT, env=subprocess_env(),
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    from fmgen.cli.sample import main as sample
+
+    r = run_main(sample, "--checkpoint", second.export_dir, "--per-class", 1, "--steps", 2, "--out",
+                 tmp_path / "g.png")  # fmt: skip
     assert r.returncode == 0, r.stderr
     # resuming without the heads is a one-line refusal
     with pytest.raises(Exception, match="has training heads"):

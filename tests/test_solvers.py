@@ -781,6 +781,10 @@ VELOCITY_SAMPLERS = [name for name in SAMPLERS if name != "meanflow"]
 BENCH_ARGS = ("--samples", "128", "--ref-steps", "200", "--nfe", "4", "6", "8", "10", "20", "50")
 
 
+# the tests that read bench_rows share one xdist worker: the bench runs once (~15 s), not per worker
+BENCH_GROUP = pytest.mark.xdist_group("sampler-bench")
+
+
 @pytest.fixture(scope="module")
 def bench_rows() -> list[dict]:
     """bench/samplers.py --json at its default data (64 points, 16 dims, float64), fewer samples."""
@@ -796,6 +800,7 @@ def test_steps_within_a_budget_are_the_most_that_fit(final_step):
             assert nfe(sampler, s + 1, final_step=final_step) > budget
 
 
+@BENCH_GROUP
 def test_bench_json_lines(bench_rows):
     """One object per (path, solver, grid, NFE budget's steps), with the evaluations counted as
     nfe() says; the reference is tight and shares the noise: Heun on the uniform grid at NFE 49
@@ -827,6 +832,7 @@ def test_bench_json_lines(bench_rows):
     "loses on a trained model: fmgen.core.multistep); vp-cosine's uniform grid is uniform in the "
     "angle arctan(sigma), where Heun is hard to beat",
 )
+@BENCH_GROUP
 @pytest.mark.parametrize("path_name", PATHS)
 def test_bench_best_solver_at_nfe_10_beats_heun_at_nfe_20(bench_rows, path_name):
     runs = [r for r in bench_rows if r["path"] == path_name and not r["reference"]]

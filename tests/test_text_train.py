@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import DIGITS, ROOT, subprocess_env, tiny
+from conftest import DIGITS, run_main, tiny
 from PIL import Image
 from safetensors.torch import load_file
 from test_clip_score import clip_folder  # noqa: F401  (a fixture: the tiny CLIP folder)
@@ -53,9 +52,11 @@ def weights(ckpt):
     return load_file(ckpt / "model.safetensors"), load_file(ckpt / "ema.safetensors")
 
 
-def sample_py(*args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=timeout)  # fmt: skip
+def sample_py(*args):
+    """sample.py's main in this process (conftest.run_main; test_sample runs the script)."""
+    from fmgen.cli.sample import main
+
+    return run_main(main, *args)
 
 
 @pytest.mark.slow
@@ -145,10 +146,11 @@ def test_precomputed_embeddings_train_the_model_on_the_fly_encoding_trains(clip_
     assert np.allclose(pre, fly, rtol=2e-3, atol=0), (pre, fly)
 
 
-def train_py(*args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(DIGITS),
-                           *map(str, args)], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+def train_py(*args):
+    """train.py's main in this process (conftest.run_main)."""
+    from fmgen.cli.train import main
+
+    return run_main(main, "--config", DIGITS, *args)
 
 
 def one_line_error(r: subprocess.CompletedProcess) -> str:
@@ -202,11 +204,11 @@ def test_evaluate_scores_prompted_samples_with_fid_and_clip_score(captioned, cli
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# digits\na handwritten three\n\nthe number 7\n")
     out = tmp_path / "fid.json"
-    r = subprocess.run([sys.executable, "-m", "fmgen.evaluate", "--checkpoint", str(run.run_dir),
-                        "--feature-network", "digits-classifier", "--num-samples", "130",
-                        "--steps", "2", "--prompts-file", str(prompts), "--clip", str(clip_folder),
-                        "--out", str(out)], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                       text=True, timeout=600)  # fmt: skip
+    from fmgen.cli.evaluate import main as evaluate
+
+    r = run_main(evaluate, "--checkpoint", run.run_dir, "--feature-network", "digits-classifier",
+                 "--num-samples", 130, "--steps", 2, "--prompts-file", prompts, "--clip",
+                 clip_folder, "--out", out)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["conditions"] == "prompts (sample i: prompt i mod 2)"
@@ -217,9 +219,7 @@ def test_evaluate_scores_prompted_samples_with_fid_and_clip_score(captioned, cli
     assert 0.0 <= clip["clip_score"] <= 100.0 and record["fid"] > 0
     assert f"CLIP score {clip['clip_score']:.4f}" in r.stdout
     # without prompts a CLIP score means nothing: refused in one line
-    r = subprocess.run([sys.executable, "-m", "fmgen.evaluate", "--checkpoint", str(run.run_dir),
-                        "--num-samples", "130", "--clip", str(clip_folder)], cwd=ROOT,
-                       env=subprocess_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = run_main(evaluate, "--checkpoint", run.run_dir, "--num-samples", 130, "--clip", clip_folder)
     assert "--prompts-file" in one_line_error(r)
 
 

@@ -64,7 +64,6 @@ from fmgen.data.stream import (
     worker_init,
 )
 from fmgen.data.urls import shard_name
-from fmgen.models.autoencoder import normalize_latents
 
 log = logging.getLogger("fmgen.data")
 
@@ -407,6 +406,9 @@ class ShardLoader:
         """A lane's uint8 (B, H, W, C) images -> (B, C, H, W) in [-1, 1]; its float16 latents
         (B, c, h, w) -> float32 in the model's space."""
         if self._latent_stats is not None:
+            # imported here: fmgen.models brings diffusers (~3 s), which image shards never need
+            from fmgen.models.autoencoder import normalize_latents
+
             mean, std = self._latent_stats
             return normalize_latents(torch.from_numpy(images).float(), mean, std)
         return to_float(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())

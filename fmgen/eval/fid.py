@@ -25,11 +25,10 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from fmgen.config import DataConfig
 from fmgen.eval.features import (
@@ -44,11 +43,16 @@ from fmgen.eval.features import (
 from fmgen.eval.images import to_uint8
 from fmgen.eval.manifold import MAX_REFERENCE, PR_K, PrecisionRecall, precision_recall
 
+if TYPE_CHECKING:  # imported in make_metric: a training that never scores FID saves ~0.7 s
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
 log = logging.getLogger("fmgen.eval")
 
 
 def make_metric(spec: FeatureSpec, inception_weights: str = "") -> FrechetInceptionDistance:
     """A FID metric in float64 that keeps its real statistics across resets of the fake ones."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     # sync_on_compute=False: the main process scores the gathered images alone; torchmetrics'
     # default all-gathers the states inside compute(), a collective the other ranks never join
     kwargs: dict[str, Any] = {"reset_real_features": False, "normalize": False,
