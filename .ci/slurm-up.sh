@@ -87,8 +87,10 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # A requeued batch job may not start again before its old credential expires (default 120 s),
-# and then waits for the next periodic scheduling pass (default every 60 s): about 60 s here.
-AuthInfo=cred_expire=30
+# and then waits for the next periodic scheduling pass (default every 60 s). 10 s is plenty for a
+# step launch on this one machine and keeps the requeue test from idling (slurm.conf: "It must be
+# sufficiently long enough to load user environment, run prolog").
+AuthInfo=cred_expire=10
 SchedulerParameters=sched_interval=10
 StateSaveLocation=$STATE_DIR/ctld
 SlurmdSpoolDir=$STATE_DIR/d
