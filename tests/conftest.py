@@ -110,6 +110,19 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=later)  # stable: otherwise in collection order
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_classifier_cache(tmp_path_factory):
+    """One folder of digits classifiers for the session, shared by the xdist workers and every
+    training they start (fmgen.eval.digits.classifier_cache): each judge is trained once, not
+    once per run (~10 s at 16x16, ~5 s at 8x8; a dozen runs score FID or a digits report).
+    Training it is tested where the tests call train_digits_classifier with their own folder."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "digits-classifier"
+    os.environ["FMGEN_DIGITS_CLASSIFIER_CACHE"] = str(folder)  # fmgen.eval.digits.SHARED_CACHE_ENV
+    yield folder
+    os.environ.pop("FMGEN_DIGITS_CLASSIFIER_CACHE", None)
+
+
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     """Digits at 8x8 as shards, prepared once for the whole session."""

@@ -20,7 +20,13 @@ import fmgen.data
 import fmgen.data.pipeline
 import fmgen.eval.fid as ev
 import fmgen.eval.protocol as protocol
-from fmgen.eval.digits import real_digits, split_indices, train_digits_classifier
+from fmgen.eval.digits import (
+    SHARED_CACHE_ENV,
+    classifier_cache,
+    real_digits,
+    split_indices,
+    train_digits_classifier,
+)
 from fmgen.eval.features import EvalError, feature_spec
 
 
@@ -36,6 +42,22 @@ def test_classifier_is_accurate_on_held_out_digits(tmp_path):
     assert clf.heldout_accuracy >= 0.95
     again = train_digits_classifier(8, 1, cache_dir=tmp_path)  # from the cache
     assert again.weights_hash == clf.weights_hash
+
+
+def test_a_shared_classifier_folder_serves_every_run(tmp_path, monkeypatch):
+    """FMGEN_DIGITS_CLASSIFIER_CACHE: the classifier is trained once, into that folder, and every
+    later run loads it from there, whatever its own cache folder; unset, each run keeps its own."""
+    shared = tmp_path / "shared"
+    monkeypatch.setenv(SHARED_CACHE_ENV, str(shared))
+    first = feature_spec("digits-classifier", resolution=8, channels=1, cache_dir=tmp_path / "a")
+    files = sorted(shared.iterdir())
+    assert [f.suffix for f in files] == [".json", ".safetensors"] and not (tmp_path / "a").exists()
+    written = [f.stat().st_mtime_ns for f in files]
+    second = feature_spec("digits-classifier", resolution=8, channels=1, cache_dir=tmp_path / "b")
+    assert second.weights_hash == first.weights_hash and not (tmp_path / "b").exists()
+    assert [f.stat().st_mtime_ns for f in files] == written  # loaded, not trained again
+    monkeypatch.delenv(SHARED_CACHE_ENV)
+    assert classifier_cache(tmp_path / "c") == tmp_path / "c"
 
 
 def test_fid_real_vs_itself_is_zero_and_vs_noise_is_large(spec):

@@ -11,6 +11,7 @@ Inception network would be both unavailable offline and meaningless at 16x16.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from fmgen.models.autoencoder import Autoencoder
 log = logging.getLogger("fmgen.eval.digits")
 
 CLASSIFIER_VERSION = 1
+# A folder for the classifier shared by every run that names no other (see classifier_cache)
+SHARED_CACHE_ENV = "FMGEN_DIGITS_CLASSIFIER_CACHE"
 FEATURE_DIM = 128  # the penultimate layer: FID needs more samples than this
 
 
@@ -192,10 +195,25 @@ def digits_spec(clf: TrainedClassifier, channels: int) -> FeatureSpec:
     )  # fmt: skip
 
 
+def classifier_cache(cache_dir: Path | None) -> Path | None:
+    """Where a run keeps the classifier: ``$FMGEN_DIGITS_CLASSIFIER_CACHE`` when set, else
+    ``cache_dir`` (the run's or the data's cache folder).
+
+    The classifier depends on no run and no data set, only on its key (resolution, channels,
+    epochs, seed, version), so one folder can serve every run on a machine: a sweep or a test
+    session trains it once per resolution instead of once per run (~10 s of a CPU core at
+    16x16). Its cache is checked like any other (``read_cache``): a file that does not verify
+    is retrained and rewritten, so concurrent runs may share the folder.
+    """
+    shared = os.environ.get(SHARED_CACHE_ENV, "").strip()
+    return Path(shared) if shared else cache_dir
+
+
 def _digits_feature_network(
     *, resolution: int, channels: int, cache_dir: Path | None = None, **_: Any
 ) -> FeatureSpec:
-    return digits_spec(train_digits_classifier(resolution, channels, cache_dir=cache_dir), channels)
+    clf = train_digits_classifier(resolution, channels, cache_dir=classifier_cache(cache_dir))
+    return digits_spec(clf, channels)
 
 
 # trained on scikit-learn's digits: refused for other data unless forced (its features do not
@@ -216,9 +234,8 @@ def digits_report(
     20%. Samples use the config's sampling options (guidance for the guided ones, none for the
     unconditional ones).
     """
-    clf = train_digits_classifier(
-        cfg.data.resolution, cfg.data.channels, cache_dir=Path(cfg.train.run_dir) / "cache"
-    )
+    clf = train_digits_classifier(cfg.data.resolution, cfg.data.channels,
+                                  cache_dir=classifier_cache(Path(cfg.train.run_dir) / "cache"))  # fmt: skip
     spec = sampling_spec(cfg)
     num_classes = clf.model.meta["num_classes"]
     n = cfg.eval.report_samples

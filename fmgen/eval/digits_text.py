@@ -23,6 +23,7 @@ from fmgen.data.captions import TEMPLATE_SETS, held_out_prompts, training_prompt
 from fmgen.eval.digits import (
     FEATURE_DIM,
     TrainedClassifier,
+    classifier_cache,
     classify,
     fid_fields,
     train_digits_classifier,
@@ -82,9 +83,8 @@ def digits_text_report(
             "eval.report='digits-text' judges text models (model.text_encoder set, e.g. learned); "
             "this model reads class labels or nothing: set eval.report=digits"
         )
-    clf = train_digits_classifier(
-        cfg.data.resolution, cfg.data.channels, cache_dir=Path(cfg.train.run_dir) / "cache"
-    )
+    clf = train_digits_classifier(cfg.data.resolution, cfg.data.channels,
+                                  cache_dir=classifier_cache(Path(cfg.train.run_dir) / "cache"))  # fmt: skip
     spec = sampling_spec(cfg)
     digits = range(clf.model.meta["num_classes"])
     n = cfg.eval.report_samples
