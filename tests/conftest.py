@@ -55,9 +55,10 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
 
 
-def run_main(main, *args) -> subprocess.CompletedProcess:
-    """A command's ``main(argv)`` run in this process, reported as ``subprocess.run`` reports the
-    script: exit status, stdout, and stderr with the log lines the script would print there.
+def run_main(command: str, *args) -> subprocess.CompletedProcess:
+    """``fmgen.cli.COMMAND.main(argv)`` (train, sample, evaluate, ...) run in this process,
+    reported as ``subprocess.run`` reports the script: exit status, stdout, and stderr with the
+    log lines the script would print there.
 
     A subprocess pays the interpreter's start and the imports (~6 s with diffusers) before any
     work; the suite has dozens of command runs. The scripts themselves (train.py, sample.py,
@@ -65,9 +66,11 @@ def run_main(main, *args) -> subprocess.CompletedProcess:
     their exit status and what only a process shows (signals, torchrun, the lock of a run).
     """
     import contextlib
+    import importlib
     import io
     import logging
 
+    main = importlib.import_module(f"fmgen.cli.{command}").main
     out, err = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(err)  # the script's logging.basicConfig writes to stderr
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -191,10 +191,8 @@ def test_pickles_in_checkpoints_and_exports_are_never_loaded(shards, tmp_path):
     with pytest.raises(CheckpointError, match="older fmgen"):
         train_tiny(shards, tmp_path / "new", 3, resume=str(old))
 
-    from fmgen.cli.sample import main as sample
-
     for args in ([str(run)], [str(run), "--weights", "raw"], [str(old)]):
-        r = run_main(sample, "--checkpoint", *args, "--steps", "2", "--out", tmp_path / "g.png")
+        r = run_main("sample", "--checkpoint", *args, "--steps", "2", "--out", tmp_path / "g.png")
         assert r.returncode == 2, r.stdout + r.stderr
         assert "error:" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not marker.exists()

@@ -98,6 +98,14 @@ def test_rank_blocks_cover_every_index_once_at_any_process_count(num):
 CASES = [(sampler, num) for sampler in ("heun", "sde") for num in (130, 131)]
 
 
+def evaluate_args(run_dir, sampler: str, num: int, out) -> list[str]:
+    """The evaluate command's arguments for ``num`` samples of ``sampler`` (2 steps), FID on the
+    digits network, the record written to ``out``."""
+    return ["--checkpoint", str(run_dir), "--num-samples", str(num), "--feature-network",
+            "digits-classifier", "--sampler", sampler, "--steps", "2", "--device", "cpu", "--out",
+            str(out)]  # fmt: skip
+
+
 def evaluate(run_dir, folder, *, procs: int, cases: list[tuple[str, int]]) -> dict:
     """``python -m fmgen.evaluate`` for each (sampler, num) of ``cases``, all in one launch of
     ``procs`` processes (tests/cli_cases.py: one start-up for every case): {case: record}."""
@@ -107,9 +115,7 @@ def evaluate(run_dir, folder, *, procs: int, cases: list[tuple[str, int]]) -> di
                  "--master_port", str(free_port())]  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     out = {case: folder / f"{case[0]}-{case[1]}.json" for case in cases}
-    argv = [["--checkpoint", str(run_dir), "--num-samples", str(num), "--feature-network",
-             "digits-classifier", "--sampler", sampler, "--steps", "2", "--device", "cpu",
-             "--out", str(out[sampler, num])] for sampler, num in cases]  # fmt: skip
+    argv = [evaluate_args(run_dir, sampler, num, out[sampler, num]) for sampler, num in cases]
     (folder / "cases.json").write_text(json.dumps(argv))
     r = subprocess.run([*head, str(ROOT / "tests" / "cli_cases.py"), "fmgen.cli.evaluate",
                         str(folder / "cases.json")],
@@ -161,10 +167,8 @@ def test_two_processes_give_the_fid_of_one(tiny_run, one_process, tmp_path):
     images of one process."""
     one, out = one_process["sde", 131], tmp_path / "two.json"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(free_port()), "-m", "fmgen.evaluate", "--checkpoint",
-                        str(tiny_run.run_dir), "--num-samples", "131", "--feature-network",
-                        "digits-classifier", "--sampler", "sde", "--steps", "2", "--device", "cpu",
-                        "--out", str(out)],
+                        "--master_port", str(free_port()), "-m", "fmgen.evaluate",
+                        *evaluate_args(tiny_run.run_dir, "sde", 131, out)],
                        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     two = json.loads(out.read_text())

@@ -50,10 +50,8 @@ def test_dit_resumes_exactly_exports_and_sample_py_writes_a_grid(conditional, sh
     loaded = load_model(second.export_dir)
     assert type(loaded.model.backbone) is DiT and loaded.model.conditional is conditional
     grid = tmp_path / "grid.png"
-    from fmgen.cli.sample import main as sample
-
-    r = run_main(sample, "--checkpoint", second.export_dir, "--per-class", 2, "--steps", 2, "--out",
-                 grid)  # fmt: skip
+    r = run_main("sample", "--checkpoint", second.export_dir, "--per-class", 2, "--steps", 2,
+                 "--out", grid)  # fmt: skip
     assert r.returncode == 0, r.stderr
     cell = 8 * (64 // 8) + GRID_GAP  # 8x8 images upscaled x8 in the grid, cells apart
     height = Image.open(grid).height + GRID_GAP

@@ -264,9 +264,7 @@ def test_fid_refuses_images_of_another_shape_than_the_data(shards, spec, tmp_pat
 
 
 def test_evaluate_cli_refuses_too_few_and_no_samples(tiny_run):
-    from fmgen.cli.evaluate import main as evaluate
-
-    r = run_main(evaluate, "--checkpoint", tiny_run.run_dir, "--num-samples", 100,
+    r = run_main("evaluate", "--checkpoint", tiny_run.run_dir, "--num-samples", 100,
                  "--feature-network", "digits-classifier")  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "100 generated samples" in r.stderr and "128-d" in r.stderr, r.stderr

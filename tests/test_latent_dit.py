@@ -59,9 +59,7 @@ def test_latent_dit_resumes_exactly_exports_samples_pixels_and_scores_fid(
     assert type(loaded.model.backbone) is DiT and loaded.model.backbone.config.in_channels == 4
 
     grid, out = tmp_path / "grid.png", tmp_path / "pngs"
-    from fmgen.cli.sample import main as sample
-
-    r = run_main(sample, "--checkpoint", full.export_dir, "--per-class", 1, "--steps", 2, "--out",
+    r = run_main("sample", "--checkpoint", full.export_dir, "--per-class", 1, "--steps", 2, "--out",
                  grid, "--out-dir", out)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     pngs = sorted(out.glob("*.png"))

@@ -180,9 +180,7 @@ def test_bad_meanflow_options_are_one_line_errors(extra, message, tmp_path):
 
 
 def test_a_bad_meanflow_option_exits_2_with_one_line(tmp_path):
-    from fmgen.cli.train import main
-
-    r = run_main(main, "--config", DIGITS, *TINY, *MEANFLOW, f"train.run_dir={tmp_path}",
+    r = run_main("train", "--config", DIGITS, *TINY, *MEANFLOW, f"train.run_dir={tmp_path}",
                  "model.prediction_type=eps", "--dry-run")  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "set model.prediction_type=velocity" in r.stderr
@@ -227,12 +225,10 @@ def test_meanflow_trains_resumes_exactly_exports_and_samples_in_one_and_two_step
         assert one.shape == (4, 1, 8, 8) and torch.isfinite(one).all()
         assert torch.allclose(one, split, atol=1e-5)  # the noise of sample i is (seed, i)'s
     # sample.py and FlowPipeline at 1 and 2 NFE
-    from fmgen.cli.sample import main as sample
-
     for steps in ("1", "2"):
         out = tmp_path / f"s{steps}"
-        r = run_main(sample, "--checkpoint", second.export_dir, "--sampler", "meanflow", "--steps",
-                     steps, "--per-class", "1", "--out", out / "grid.png")  # fmt: skip
+        r = run_main("sample", "--checkpoint", second.export_dir, "--sampler", "meanflow",
+                     "--steps", steps, "--per-class", "1", "--out", out / "grid.png")  # fmt: skip
         assert r.returncode == 0, r.stderr
         assert (out / "grid.png").is_file()
     from fmgen.pipeline import FlowPipeline

@@ -175,10 +175,8 @@ def test_repa_and_uncertainty_heads_train_resume_exactly_and_stay_out_of_exports
     # exports hold the model alone and sample
     loaded = load_model(second.export_dir)
     assert not any("repa" in n or "logvar" in n for n, _ in loaded.model.named_parameters())
-    from fmgen.cli.sample import main as sample
-
-    r = run_main(sample, "--checkpoint", second.export_dir, "--per-class", 1, "--steps", 2, "--out",
-                 tmp_path / "g.png")  # fmt: skip
+    r = run_main("sample", "--checkpoint", second.export_dir, "--per-class", 1, "--steps", 2,
+                 "--out", tmp_path / "g.png")  # fmt: skip
     assert r.returncode == 0, r.stderr
     # resuming without the heads is a one-line refusal
     with pytest.raises(Exception, match="has training heads"):

@@ -18,14 +18,6 @@ from fmgen.eval.images import GRID_GAP, GRID_GAP_VALUE
 from fmgen.models import load_model
 
 
-def sample_main(*args: str) -> subprocess.CompletedProcess:
-    """sample.py's main in this process (conftest.run_main): the script itself runs as a process
-    in test_sample_py_writes_grid_and_npz_of_requested_shape and under torchrun."""
-    from fmgen.cli.sample import main
-
-    return run_main(main, *args)
-
-
 def run_sample(*args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
     head = [sys.executable]
     if torchrun:
@@ -48,8 +40,8 @@ def test_sample_py_writes_grid_and_npz_of_requested_shape(tiny_run, tmp_path):
     assert img.height == 10 * cell + 9 * GRID_GAP  # one row per class, gaps between rows
     assert img.width >= 3 * cell + 2 * GRID_GAP  # three per row, plus the class-label margin
     pngs = tmp_path / "p"
-    r = sample_main("--checkpoint", str(tiny_run.run_dir), "--labels", "3,3,7", "--steps", "2",
-                    "--out", str(tmp_path / "g2.png"), "--out-dir", str(pngs))  # fmt: skip
+    r = run_main("sample", "--checkpoint", str(tiny_run.run_dir), "--labels", "3,3,7", "--steps",
+                 "2", "--out", str(tmp_path / "g2.png"), "--out-dir", str(pngs))  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in pngs.iterdir()) == [
         "000000_class3.png",
@@ -62,8 +54,8 @@ def test_grid_holds_every_sample_up_to_grid_max_with_gaps(tiny_run, tmp_path):
     """300 samples (30 per class, more than one noise block of 256), --grid-max 400: 10 rows of
     30 cells, each cell the sample of its index, mid-gray gaps between them."""
     grid, pngs = tmp_path / "g.png", tmp_path / "p"
-    r = sample_main("--checkpoint", str(tiny_run.run_dir), "--per-class", "30", "--steps", "2",
-                    "--grid-max", "400", "--out", str(grid), "--out-dir", str(pngs))  # fmt: skip
+    r = run_main("sample", "--checkpoint", str(tiny_run.run_dir), "--per-class", "30", "--steps",
+                 "2", "--grid-max", "400", "--out", str(grid), "--out-dir", str(pngs))  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "(300 images" in r.stdout, r.stdout
     img = np.asarray(Image.open(grid))  # (H, W) gray
@@ -212,13 +204,13 @@ def test_time_grid_flag_defaults_to_the_config(tiny_run, tmp_path, monkeypatch, 
 
 
 def test_bad_checkpoint_and_labels_are_clear_errors(tiny_run, tmp_path):
-    r = sample_main("--checkpoint", str(tmp_path / "nothing"))
+    r = run_main("sample", "--checkpoint", str(tmp_path / "nothing"))
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
-    r = sample_main("--checkpoint", str(tiny_run.run_dir), "--labels", "3,12")
+    r = run_main("sample", "--checkpoint", str(tiny_run.run_dir), "--labels", "3,12")
     assert r.returncode == 2 and "12" in r.stderr and "Traceback" not in r.stderr
-    r = sample_main("--checkpoint", str(tiny_run.run_dir), "--steps", "0")
+    r = run_main("sample", "--checkpoint", str(tiny_run.run_dir), "--steps", "0")
     assert r.returncode == 2 and "--steps" in r.stderr
-    r = sample_main("--checkpoint", str(tiny_run.export_dir), "--weights", "raw")
+    r = run_main("sample", "--checkpoint", str(tiny_run.export_dir), "--weights", "raw")
     assert r.returncode == 2 and "EMA" in r.stderr
 
 

@@ -52,13 +52,6 @@ def weights(ckpt):
     return load_file(ckpt / "model.safetensors"), load_file(ckpt / "ema.safetensors")
 
 
-def sample_py(*args):
-    """sample.py's main in this process (conftest.run_main; test_sample runs the script)."""
-    from fmgen.cli.sample import main
-
-    return run_main(main, *args)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["clip", "t5"])
 def test_frozen_text_model_trains_resumes_exactly_exports_and_samples_from_prompts(
@@ -78,9 +71,9 @@ def test_frozen_text_model_trains_resumes_exactly_exports_and_samples_from_promp
 
     # sample.py from prompts: one grid row per prompt, and the sample files
     out = tmp_path / "samples"
-    r = sample_py("--checkpoint", second.export_dir, "--prompt", PROMPTS[0], "--prompt",
-                  PROMPTS[1], "--num-per-prompt", 2, "--steps", 3, "--seed", 5, "--out-dir", out,
-                  "--out", tmp_path / "grid.png")  # fmt: skip
+    r = run_main("sample", "--checkpoint", second.export_dir, "--prompt", PROMPTS[0], "--prompt",
+                 PROMPTS[1], "--num-per-prompt", 2, "--steps", 3, "--seed", 5, "--out-dir", out,
+                 "--out", tmp_path / "grid.png")  # fmt: skip
     assert r.returncode == 0, r.stderr
     files = sorted(out.glob("*.png"))
     assert len(files) == 4
@@ -102,8 +95,9 @@ def test_learned_text_model_resumes_exactly_and_the_pipeline_matches_sample_py(c
     assert any(k.startswith("text_encoder.") for k in w_full)
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
     out = tmp_path / "samples"
-    r = sample_py("--checkpoint", second.export_dir, "--prompt", PROMPTS[1], "--num-per-prompt",
-                  3, "--steps", 3, "--out-dir", out, "--negative-prompt", "a handwritten one")  # fmt: skip
+    r = run_main("sample", "--checkpoint", second.export_dir, "--prompt", PROMPTS[1],
+                 "--num-per-prompt", 3, "--steps", 3, "--out-dir", out, "--negative-prompt",
+                 "a handwritten one")  # fmt: skip
     assert r.returncode == 0, r.stderr
     cli = np.stack([np.asarray(Image.open(f)) for f in sorted(out.glob("*.png"))])
     pipe = FlowPipeline.from_pretrained(second.export_dir)
@@ -147,10 +141,8 @@ def test_precomputed_embeddings_train_the_model_on_the_fly_encoding_trains(clip_
 
 
 def train_py(*args):
-    """train.py's main in this process (conftest.run_main)."""
-    from fmgen.cli.train import main
-
-    return run_main(main, "--config", DIGITS, *args)
+    """train.py --config configs/digits.yaml ARGS, in this process (conftest.run_main)."""
+    return run_main("train", "--config", DIGITS, *args)
 
 
 def one_line_error(r: subprocess.CompletedProcess) -> str:
@@ -179,16 +171,17 @@ def test_bad_text_inputs_are_one_line_errors(captioned, encoders, tmp_path, tiny
                                   "data.caption_key=txt"))  # fmt: skip
     assert "no such folder" in msg and "model.text_encoder" in msg
     # a prompt for a class model
-    msg = one_line_error(sample_py("--checkpoint", tiny_run.export_dir, "--prompt", "a seven"))
+    class_model = ["--checkpoint", tiny_run.export_dir]
+    msg = one_line_error(run_main("sample", *class_model, "--prompt", "a seven"))
     assert "--prompt" in msg and "without text" in msg
-    msg = one_line_error(sample_py("--checkpoint", tiny_run.export_dir, "--num-per-prompt", 2))
+    msg = one_line_error(run_main("sample", *class_model, "--num-per-prompt", 2))
     assert "--num-per-prompt" in msg and "without text" in msg
     # labels for a text model, and an over-long prompt (a warning naming text.max_length)
     run = text_run(captioned, tmp_path / "t", 1, "learned")
-    msg = one_line_error(sample_py("--checkpoint", run.export_dir, "--labels", "3,7"))
+    msg = one_line_error(run_main("sample", "--checkpoint", run.export_dir, "--labels", "3,7"))
     assert "reads text" in msg and "--prompt" in msg
-    r = sample_py("--checkpoint", run.export_dir, "--prompt", "x" * 40, "--num-per-prompt", 1,
-                  "--steps", 1, "--out", tmp_path / "g.png")  # fmt: skip
+    r = run_main("sample", "--checkpoint", run.export_dir, "--prompt", "x" * 40,
+                 "--num-per-prompt", 1, "--steps", 1, "--out", tmp_path / "g.png")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "text.max_length=12" in r.stderr
 
@@ -204,9 +197,7 @@ def test_evaluate_scores_prompted_samples_with_fid_and_clip_score(captioned, cli
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# digits\na handwritten three\n\nthe number 7\n")
     out = tmp_path / "fid.json"
-    from fmgen.cli.evaluate import main as evaluate
-
-    r = run_main(evaluate, "--checkpoint", run.run_dir, "--feature-network", "digits-classifier",
+    r = run_main("evaluate", "--checkpoint", run.run_dir, "--feature-network", "digits-classifier",
                  "--num-samples", 130, "--steps", 2, "--prompts-file", prompts, "--clip",
                  clip_folder, "--out", out)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
@@ -219,7 +210,8 @@ def test_evaluate_scores_prompted_samples_with_fid_and_clip_score(captioned, cli
     assert 0.0 <= clip["clip_score"] <= 100.0 and record["fid"] > 0
     assert f"CLIP score {clip['clip_score']:.4f}" in r.stdout
     # without prompts a CLIP score means nothing: refused in one line
-    r = run_main(evaluate, "--checkpoint", run.run_dir, "--num-samples", 130, "--clip", clip_folder)
+    r = run_main("evaluate", "--checkpoint", run.run_dir, "--num-samples", 130, "--clip",
+                 clip_folder)  # fmt: skip
     assert "--prompts-file" in one_line_error(r)
 
 
@@ -249,7 +241,8 @@ def test_text_models_train_in_latent_space_with_any_path_loss_and_prediction(
     loaded = load_model(result.export_dir)
     assert loaded.model.reads_text and loaded.autoencoder.kind != "identity"
     out = tmp_path / "grid.png"
-    r = sample_py("--checkpoint", result.export_dir, "--prompt", PROMPTS[0], "--num-per-prompt",
-                  2, "--steps", 2, "--out", out, "--sampler", "dpm++2m")  # fmt: skip
+    r = run_main("sample", "--checkpoint", result.export_dir, "--prompt", PROMPTS[0],
+                 "--num-per-prompt", 2, "--steps", 2, "--out", out, "--sampler",
+                 "dpm++2m")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size[1] > 16  # one row of decoded 16x16 pixels, upscaled

@@ -239,9 +239,7 @@ def test_a_folder_of_foreign_train_shards_is_never_modified(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, env=env,  # noqa: E731
                                     capture_output=True, text=True, timeout=600)  # fmt: skip
     tiny = [*TINY, f"train.run_dir={tmp_path / 'run'}", "train.total_images=48"]
-    from fmgen.cli.train import main as train_py
-
-    r = run_main(train_py, "--config", DIGITS, *tiny, f"data.path={folder}")
+    r = run_main("train", "--config", DIGITS, *tiny, f"data.path={folder}")
     assert r.returncode == 2 and "data.source=webdataset" in r.stderr, r.stderr[-2000:]
     assert checksums(folder) == before
     for extra in ([], ["--overwrite"]):
@@ -251,7 +249,7 @@ def test_a_folder_of_foreign_train_shards_is_never_modified(tmp_path):
     wds = ["data.source=webdataset", f"data.path={folder}", f"data.resolution={R}",
            "data.num_classes=10", "eval.fid_every_images=48", "eval.fid_num_samples=130",
            "eval.force_feature_network=true"]  # unknown origin: the digits network is forced  # fmt: skip
-    r = run_main(train_py, "--config", DIGITS, *tiny, *wds)
+    r = run_main("train", "--config", DIGITS, *tiny, *wds)
     assert r.returncode == 0, r.stderr[-3000:]
     fid = json.loads(next((tmp_path / "run" / "eval").glob("fid-step*.json")).read_text())
     assert fid["num_reference"] == 200 and np.isfinite(fid["fid"])
